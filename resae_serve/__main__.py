@@ -1,0 +1,7 @@
+"""``python -m resae_serve`` runs the ``resae`` command line."""
+
+import sys
+
+from resae_serve.cli import main
+
+sys.exit(main())
