@@ -37,7 +37,7 @@ demo: setup
 	$(BIN)/resae capture --model smollm2-135m --corpus brown --layers 6,12,18,24 --max-tokens 16384
 
 bench: setup
-	$(BIN)/python benchmarks/capture.py
+	$(BIN)/python -m benchmarks.capture
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,7 @@ Three ways to get the block outputs of layers 6, 12, 18, 24 of SmolLM2-135M (30 
 and the library's end-to-end ``capture_activations`` (tokenising included). All modes read the
 same pre-built windows and are interleaved over several rounds; the median is reported.
 
-    python benchmarks/capture.py [--rounds 3] [--batches 4] [--no-record]
+    python -m benchmarks.capture [--rounds 3] [--batches 4] [--no-record]
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main() -> int:
     if not args.no_record:
         append_results(
             "Capture throughput, SmolLM2-135M, layers 6,12,18,24",
-            "python benchmarks/capture.py " + " ".join(sys.argv[1:]),
+            "python -m benchmarks.capture " + " ".join(sys.argv[1:]),
             table,
             f"{args.rounds} rounds × {n_tokens} captured tokens (windows of "
             f"{args.context_size}, batch {args.batch_size}, BOS skipped), float32, eager.",
