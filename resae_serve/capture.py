@@ -50,6 +50,10 @@ class CaptureConfig:
     """Concatenate documents (EOS-separated) instead of padding each one."""
     stop_early: bool = True
     """Stop the forward pass after the deepest requested block."""
+    outlier_norm_ratio: float | None = 10.0
+    """Drop tokens whose norm at any captured layer exceeds this multiple of the batch median
+    (the massive activations of attention-sink tokens, up to ~170x the median in SmolLM2,
+    would dominate every least-squares fit). None keeps every token."""
     max_tokens: int | None = None
     """Stop after this many captured tokens (None: the whole corpus)."""
     shuffle_buffer: int = 0
@@ -64,6 +68,8 @@ class CaptureConfig:
             raise CaptureError(f"dtype={self.dtype!r}; allowed: {sorted(DTYPES)}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise CaptureError(f"max_tokens={self.max_tokens}; must be positive or None")
+        if self.outlier_norm_ratio is not None and self.outlier_norm_ratio <= 1:
+            raise CaptureError(f"outlier_norm_ratio={self.outlier_norm_ratio}; must be > 1 or None")
         if self.shuffle_buffer < 0:
             raise CaptureError(f"shuffle_buffer={self.shuffle_buffer}; must be >= 0")
 
@@ -178,10 +184,10 @@ def _capture_in_order(
             keep = win.keep.to(device)
             acts = torch.stack([outputs[layer][keep] for layer in cap.layers], dim=1).to(dtype)
             rows, cols = win.keep.nonzero(as_tuple=True)
-            batch = ActivationBatch(
-                acts, win.input_ids[rows, cols], win.window_index[rows], cols
-            )
-            if remaining is not None and len(acts) >= remaining:
+            batch = ActivationBatch(acts, win.input_ids[rows, cols], win.window_index[rows], cols)
+            if config.outlier_norm_ratio is not None and len(acts):
+                batch = _drop_outliers(batch, config.outlier_norm_ratio)
+            if remaining is not None and len(batch.acts) >= remaining:
                 batch = ActivationBatch(*(t[:remaining] for t in batch))
             n_captured += len(batch.acts)
             bar.update(len(batch.acts))
@@ -196,3 +202,13 @@ def _capture_in_order(
             "captured no tokens: the corpus is empty or every position was skipped "
             "(check the corpus, or pass --no-skip-bos with a longer --context-size)"
         )
+
+
+def _drop_outliers(batch: ActivationBatch, ratio: float) -> ActivationBatch:
+    """Remove tokens whose norm at any layer exceeds ``ratio`` times that layer's median."""
+    norms = batch.acts.float().norm(dim=-1)                       # (N, L)
+    keep = (norms <= ratio * norms.median(dim=0).values).all(dim=1)
+    if bool(keep.all()):
+        return batch
+    logger.debug("dropped %d outlier tokens of %d", int((~keep).sum()), len(keep))
+    return ActivationBatch(*(t[keep.to(t.device)] for t in batch))

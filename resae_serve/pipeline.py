@@ -55,6 +55,8 @@ class DataConfig:
     """Tokens mixed together when the training stream is captured."""
     dtype: str = "float32"
     """Storage dtype of cached activations."""
+    outlier_norm_ratio: float | None = 10.0
+    """Drop tokens with massive norms (see :class:`~resae_serve.capture.CaptureConfig`)."""
 
 
 def cached_activations(
@@ -67,6 +69,7 @@ def cached_activations(
         "model": model_fingerprint(model_dir), "corpus": str(data.corpus), "split": split,
         "layers": list(layers), "context_size": data.context_size, "dtype": data.dtype,
         "shuffle_buffer": data.shuffle_buffer if shuffle else 0, "seed": seed,
+        "outlier_norm_ratio": data.outlier_norm_ratio,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     folder = cache_dir("activations") / digest
@@ -78,6 +81,7 @@ def cached_activations(
         layers=layers, context_size=data.context_size, batch_size=data.capture_batch_size,
         dtype=data.dtype, max_tokens=n_tokens,  # type: ignore[arg-type]
         shuffle_buffer=data.shuffle_buffer if shuffle else 0, seed=seed, progress=progress,
+        outlier_norm_ratio=data.outlier_norm_ratio,
     )
     stream = capture_activations(model, tokenizer, load_documents(data.corpus, split), config)
     with atomic_folder(folder) as tmp:

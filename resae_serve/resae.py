@@ -156,8 +156,12 @@ class ReSAE(nn.Module):
         return out
 
     def forward(self, acts: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Teacher-forced reconstruction: encode clean activations, decode through the chain."""
-        return self.decode(self.encode(acts))
+        """Teacher-forced reconstruction: encode clean activations, decode through the chain.
+
+        Uses dense codes: JumpReLU and ReLU SAEs may fire more than ``k`` latents, which the
+        top-k :meth:`encode` would truncate.
+        """
+        return self.decode(self.encode_dense(acts))
 
     # ------------------------------------------------------------------ interventions
 

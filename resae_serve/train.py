@@ -170,7 +170,7 @@ class ReSAETrainer:
             self.since_fired[i] += len(u)
             self.since_fired[i][out.fired.cpu()] = 0
             layer = self.resae.layers[i]
-            record[f"loss/{layer}"] = float(out.loss)
+            record[f"loss/{layer}"] = float(out.loss.detach())
             record[f"fve/{layer}"] = batch_fve(u.detach(), out.x_hat.detach())
             record[f"l0/{layer}"] = float(out.metrics.get("l0", float("nan")))
             record[f"dead/{layer}"] = float(dead.float().mean())

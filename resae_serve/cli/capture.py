@@ -59,6 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="do not start windows with BOS")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="one document per window (padded) instead of packing")
+    p.add_argument("--keep-outliers", action="store_true",
+                   help="keep tokens with massive norms (>10x the batch median, attention sinks)")
     p.add_argument("--full-forward", dest="stop_early", action="store_false",
                    help="run every block instead of stopping after the deepest requested one")
     p.add_argument("--shuffle-buffer", type=int, default=0,
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     config = CaptureConfig(
         layers=args.layers, context_size=args.context_size, batch_size=args.batch_size,
         dtype=args.dtype, prepend_bos=args.prepend_bos, skip_bos=args.skip_bos,
-        pack=args.pack, stop_early=args.stop_early, max_tokens=args.max_tokens,
+        pack=args.pack, stop_early=args.stop_early,
+        outlier_norm_ratio=None if args.keep_outliers else 10.0, max_tokens=args.max_tokens,
         shuffle_buffer=args.shuffle_buffer, seed=args.seed,
         progress=not args.quiet,
     )
