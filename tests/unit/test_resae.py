@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resae_serve.interventions import EditOp, EditTable, FeatureEdit, edit_table
-from resae_serve.interventions import InterventionError
-from tests.unit.resae_fixtures import D_MODEL, D_SAE, K, LAYERS, tiny_acts, tiny_resae
+from resae_serve.interventions import EditOp, EditTable, FeatureEdit, InterventionError, edit_table
+from tests.unit.resae_fixtures import D_MODEL, D_SAE, LAYERS, K, tiny_acts, tiny_resae
 
 ATOL = 1e-5
 
