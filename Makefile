@@ -32,12 +32,18 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+DEMO_LAYERS := 6,12,18,24
+
 demo: setup
 	$(BIN)/resae fetch
-	$(BIN)/resae capture --model smollm2-135m --corpus brown --layers 6,12,18,24 --max-tokens 16384
+	$(BIN)/resae capture --model smollm2-135m --corpus brown --layers $(DEMO_LAYERS) --max-tokens 8192
+	@# A small ReSAE (a few minutes on 2 CPU cores); later runs find it done and only print it.
+	$(BIN)/resae train --model smollm2-135m --corpus brown --layers $(DEMO_LAYERS) \
+		--tokens 100000 --calibration-tokens 30000 --eval-tokens 10000 --out runs/demo-resae
 
 bench: setup
 	$(BIN)/python -m benchmarks.capture
+	$(BIN)/python -m benchmarks.train
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from resae_serve.artifact import read_manifest
 from resae_serve.cli.capture import parse_layers
 from resae_serve.errors import ResaeError
 from resae_serve.pipeline import DataConfig, train_dictionary
 from resae_serve.resae import MODES
 from resae_serve.saes import ARCHITECTURES
 from resae_serve.train import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 # flag name -> config field, for flags whose name differs from the field
 _RENAMES = {"arch": "architecture"}
@@ -33,6 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, help="JSON or TOML file of settings")
     p.add_argument("--out", type=Path, required=True, help="dictionary folder to write")
+    p.add_argument("--force", action="store_true",
+                   help="retrain even if OUT already holds a dictionary with these settings")
     p.add_argument("--model", help="local Hugging Face folder or embedded name "
                    "(default: smollm2-135m)")
     p.add_argument("--corpus", help="named corpus or local path (default: brown)")
@@ -77,7 +83,7 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
     settings = _read_config_file(args.config) if args.config else {}
     for flag, value in vars(args).items():
         if value is not None and flag not in {"config", "out", "run", "command", "verbose",
-                                               "quiet"}:
+                                               "quiet", "force"}:
             settings[_RENAMES.get(flag, flag)] = value
     data_keys = {f.name for f in fields(DataConfig)}
     train_keys = {f.name for f in fields(TrainConfig)}
@@ -92,10 +98,25 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
     return data, train
 
 
+def _existing_summary(out: Path, data: DataConfig, train: TrainConfig) -> dict[str, Any] | None:
+    """The training summary of a dictionary already in ``out`` with the same settings."""
+    if not (out / "manifest.json").is_file():
+        return None
+    summary: dict[str, Any] = read_manifest(out).training
+    wanted = json.loads(json.dumps({"train_config": asdict(train), "data_config": asdict(data)}))
+    if {k: summary.get(k) for k in wanted} != wanted:
+        raise ResaeError(f"{out} holds a dictionary trained with other settings; choose "
+                         "another --out or pass --force to replace it")
+    logger.info("%s already holds a dictionary with these settings (--force retrains)", out)
+    return summary
+
+
 def run(args: argparse.Namespace) -> int:
-    """Train, then print the held-out metrics per layer."""
+    """Train (unless already done), then print the held-out metrics per layer."""
     data, train = build_configs(args)
-    summary = train_dictionary(data, train, args.out, progress=not args.quiet)
+    summary = None if args.force else _existing_summary(args.out, data, train)
+    if summary is None:
+        summary = train_dictionary(data, train, args.out, progress=not args.quiet)
     fits = {row["layer"]: row for row in json.loads(
         (args.out / "manifest.json").read_text())["affine"]}
     lines = [f"{train.mode} dictionary in {args.out} ({summary['tokens_seen']} tokens, "
