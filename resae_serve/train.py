@@ -223,6 +223,7 @@ class ReSAETrainer:
             "history": self.history,
             "scales": self.resae.scales.tolist(),
         }
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(path)

@@ -107,8 +107,9 @@ def test_resae_train_cli_on_tiny_model(
         (corpus / f"{i:03d}.txt").write_text(doc)
     config = tmp_path / "train.json"
     config.write_text(json.dumps({"k": 4, "expansion": 2, "batch_size": 128,
-                                  "calibration_tokens": 1000, "eval_tokens": 300}))
-    out = tmp_path / "dict"
+                                  "calibration_tokens": 1000, "eval_tokens": 300,
+                                  "checkpoint_every": 3}))
+    out = tmp_path / "runs" / "dict"  # parent folder does not exist yet
     argv = ["-q", "train", "--config", str(config), "--model", str(model_dir),
             "--corpus", str(corpus), "--layers", "1,3", "--tokens", "1500",
             "--context-size", "32", "--out", str(out)]
@@ -119,7 +120,7 @@ def test_resae_train_cli_on_tiny_model(
     assert manifest.layers == (1, 3) and resae.saes[0].config.d_sae == 64
     assert manifest.training["tokens_seen"] == 1500
     assert (out / "training_curves.png").stat().st_size > 1000
-    assert not (tmp_path / "dict.checkpoint.pt").exists()
+    assert not (tmp_path / "runs" / "dict.checkpoint.pt").exists()
     # unknown setting in the config file is named
     config.write_text(json.dumps({"kk": 4}))
     assert main(argv) == 2
