@@ -6,16 +6,28 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from resae_serve.capture import DTYPES, CaptureConfig, capture_activations
+from resae_serve.capture import DTYPES, ActivationBatch, CaptureConfig, capture_activations
 from resae_serve.corpus import DEFAULT_CORPUS, load_documents
-from resae_serve.errors import CaptureError
 from resae_serve.models import DEFAULT_MODEL, load_model
 
 logger = logging.getLogger(__name__)
+
+
+class _TokenCounter:
+    """Counts the tokens of a batch stream as it passes through."""
+
+    def __init__(self) -> None:
+        self.n_tokens = 0
+
+    def count(self, stream: Iterator[ActivationBatch]) -> Iterator[ActivationBatch]:
+        for batch in stream:
+            self.n_tokens += len(batch.acts)
+            yield batch
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -84,29 +96,21 @@ def run(args: argparse.Namespace) -> int:
     documents = load_documents(args.corpus, args.split)
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.model_dtype], device=args.device)
     logger.info("capturing layers %s of %s on %s", list(config.layers), args.model, args.device)
-    stream = capture_activations(model, tokenizer, documents, config)
+    counter = _TokenCounter()
+    stream = counter.count(capture_activations(model, tokenizer, documents, config))
     start = time.perf_counter()
-    n_tokens = 0
-
-    def counted():  # type: ignore[no-untyped-def]
-        nonlocal n_tokens
-        for batch in stream:
-            n_tokens += len(batch.acts)
-            yield batch
-
     if args.out is not None:
         from resae_serve.shards import write_shards
 
-        write_shards(counted(), args.out, layers=tuple(sorted(set(config.layers))),
+        write_shards(stream, args.out, layers=tuple(sorted(set(config.layers))),
                      tokens_per_shard=args.tokens_per_shard,
                      metadata={"model": str(args.model), "corpus": str(args.corpus),
                                "split": args.split, "config": config.__dict__})
     else:
-        for _ in counted():
+        for _ in stream:
             pass
+    n_tokens = counter.n_tokens
     seconds = time.perf_counter() - start
-    if n_tokens == 0:
-        raise CaptureError("no tokens captured")
     sys.stdout.write(
         f"captured {n_tokens} tokens x {len(config.layers)} layers in {seconds:.1f} s: "
         f"{n_tokens / seconds:.0f} tokens/s"

@@ -7,7 +7,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from resae_serve.blocks import find_decoder_blocks
-from resae_serve.capture import CaptureConfig, LayerCapture, capture_activations
+from resae_serve.capture import (
+    ActivationBatch,
+    CaptureConfig,
+    LayerCapture,
+    _drop_outliers,
+    capture_activations,
+)
 from resae_serve.errors import CaptureError
 from tests.conftest import N_LAYERS, VOCAB, make_documents
 
@@ -144,3 +150,13 @@ def test_bad_config_values() -> None:
         CaptureConfig(layers=(1,), dtype="float16")  # type: ignore[arg-type]
     with pytest.raises(CaptureError, match="max_tokens=0"):
         CaptureConfig(layers=(1,), max_tokens=0)
+
+
+def test_massive_activation_tokens_are_dropped_from_every_field() -> None:
+    acts = torch.randn(50, 2, 8)
+    acts[7, 1] *= 100  # an attention-sink-like token at the second layer
+    batch = ActivationBatch(acts, torch.arange(50), torch.zeros(50, dtype=torch.long),
+                            torch.arange(50))
+    kept = _drop_outliers(batch, ratio=10.0)
+    assert len(kept.acts) == 49 and 7 not in kept.token_ids.tolist()
+    assert torch.equal(kept.acts, torch.cat([acts[:7], acts[8:]]))
