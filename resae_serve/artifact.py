@@ -181,17 +181,23 @@ def _require(manifest: dict[str, Any], key: str, kind: type | tuple[type, ...], 
     return value
 
 
-def read_manifest(folder: Path) -> Manifest:
-    """Parse, upgrade and check ``manifest.json`` (no tensors are read)."""
-    path = folder / MANIFEST
+def read_json_object(path: Path, missing_hint: str) -> dict[str, Any]:
+    """A JSON object from ``path``; errors name the file (``missing_hint`` ends the first)."""
     if not path.is_file():
-        raise ArtifactError(f"{path} not found: {folder} is not a resae dictionary folder")
+        raise ArtifactError(f"{path} is missing: {missing_hint}")
     try:
         raw = json.loads(path.read_text())
     except ValueError as exc:
         raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
+    return raw
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Parse, upgrade and check ``manifest.json`` (no tensors are read)."""
+    path = folder / MANIFEST
+    raw = read_json_object(path, f"{folder} is not a resae dictionary folder")
     raw = upgrade_manifest(raw, path)
     mode = _require(raw, "mode", str, path)
     if mode not in MODES:

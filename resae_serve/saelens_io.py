@@ -55,7 +55,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from resae_serve import __version__
-from resae_serve.artifact import ArtifactError, ModelIdentity, load_artifact, save_artifact
+from resae_serve.artifact import (
+    ArtifactError,
+    ModelIdentity,
+    load_artifact,
+    read_json_object,
+    save_artifact,
+)
 from resae_serve.cache import atomic_folder
 from resae_serve.resae import ReSAE
 from resae_serve.saes import SAE, Architecture, SAEConfig, sae_class, sae_from_tensors
@@ -237,14 +243,7 @@ def import_saelens(
 def read_saelens_config(folder: Path) -> SAELensConfig:
     """Parse and check ``folder/cfg.json`` (6.x nested metadata or 5.x flat layout)."""
     path = Path(folder) / SAELENS_CFG_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing: {folder} is not a SAELens SAE folder")
-    try:
-        raw = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ArtifactError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ArtifactError(f"{path}: expected a JSON object")
+    raw = read_json_object(path, f"{folder} is not a SAELens SAE folder")
     metadata: dict[str, Any] = raw["metadata"] if isinstance(raw.get("metadata"), dict) else {}
     merged = {**raw, **metadata}  # 5.x keeps metadata at the top level
     normalize = merged.get("normalize_activations", "none")
