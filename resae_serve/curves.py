@@ -24,8 +24,8 @@ def plot_history(history: list[dict[str, Any]], layers: tuple[int, ...], path: P
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0, 0].set_yscale("log")
-    axes[0, 1].set_ylim(bottom=max(0.0, min((row[f"fve/{layers[0]}"] for row in history),
-                                            default=0.0)))
+    lowest = min((row[f"fve/{layer}"] for row in history for layer in layers), default=0.0)
+    axes[0, 1].set_ylim(bottom=max(0.0, lowest), top=1.0)
     for ax in axes[1]:
         ax.set_xlabel("training tokens")
     axes[0, 0].legend()
