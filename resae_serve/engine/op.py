@@ -1,0 +1,60 @@
+"""The ``resae::steer`` custom op: the one call the compiled model graph makes per ReSAE layer.
+
+Registered with ``torch.library`` (through vLLM's ``direct_register_custom_op`` when vLLM is
+importable, which skips ``custom_op``'s dispatch overhead). torch.compile / Inductor keep it
+opaque: the graph around it stays compiled and fused, and at run time the op body
+(:meth:`SteeringTables.apply`) reads the persistent tables that the host filled for this step.
+It mutates ``hidden_states`` in place (declared in ``mutates_args``), which is how the
+intervention reaches vLLM's deferred residual add.
+
+On GPU with piecewise CUDA graphs, add ``"resae::steer"`` to
+``compilation_config.splitting_ops`` so the body runs eagerly between captured pieces (its
+token counts change per step); that is the supported GPU configuration of this hook.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resae_serve.engine.tables import SteeringTables
+
+OP_NAME = "steer"
+_LIB = torch.library.Library("resae", "FRAGMENT")
+_tables: SteeringTables | None = None
+
+
+def install_tables(tables: SteeringTables | None) -> None:
+    """Make ``tables`` the state the op reads (one model per worker process)."""
+    global _tables
+    _tables = tables
+
+
+def current_tables() -> SteeringTables | None:
+    return _tables
+
+
+def steer(hidden_states: torch.Tensor, residual: torch.Tensor, layer_index: int) -> None:
+    """Apply this step's interventions at dictionary layer ``layer_index`` (in place)."""
+    if _tables is not None:
+        _tables.apply(layer_index, hidden_states, residual)
+
+
+def _steer_fake(hidden_states: torch.Tensor, residual: torch.Tensor, layer_index: int) -> None:
+    return None
+
+
+def _register() -> None:
+    if hasattr(torch.ops.resae, OP_NAME):
+        return
+    try:
+        from vllm.utils.torch_utils import direct_register_custom_op
+    except ImportError:
+        _LIB.define(f"{OP_NAME}(Tensor(a!) hidden_states, Tensor residual, int layer_index) -> ()")
+        _LIB.impl(OP_NAME, steer, "CompositeExplicitAutograd")
+        _LIB._register_fake(OP_NAME, _steer_fake)
+        return
+    direct_register_custom_op(OP_NAME, steer, mutates_args=["hidden_states"],
+                              fake_impl=_steer_fake, target_lib=_LIB)
+
+
+_register()

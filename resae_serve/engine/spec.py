@@ -1,0 +1,177 @@
+"""Per-request steering and monitoring specs, their validation, wire form and content hash.
+
+A :class:`SteeringSpec` travels to the worker inside ``SamplingParams.extra_args["resae"]``
+(plain JSON types only). Its :meth:`SteeringSpec.cache_salt` is a SHA-256 of the canonical
+steering content, so vLLM's prefix cache never shares KV blocks between requests whose
+steering differs (requests with the same steering still share).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from resae_serve.interventions import EDIT_MODES, EditMode, FeatureEdit, InterventionError
+
+Phase = Literal["prompt", "generation", "all"]
+PHASES: tuple[str, ...] = get_args(Phase)
+EXTRA_ARGS_KEY = "resae"
+MAX_EDITS_PER_LAYER = 8
+"""Edit slots per request and layer in the worker's tables (feature edits; vectors are free)."""
+
+
+@dataclass(frozen=True)
+class SteerEdit:
+    """One feature edit at one layer, limited to a phase (a per-request spec)."""
+
+    layer: int
+    """Model block index; must be one of the dictionary's layers."""
+    feature: int
+    """Latent index ``0 .. d_sae - 1``."""
+    mode: EditMode = "add"
+    """add / clamp / scale / ablate (see :mod:`resae_serve.interventions`)."""
+    value: float = 0.0
+    """α for add, pinned value for clamp, factor for scale; ignored by ablate."""
+    phase: Phase = "all"
+    """Apply on prompt tokens, generated tokens, or both (by input position < prompt length)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in EDIT_MODES:
+            raise InterventionError(f"mode={self.mode!r}; allowed: {', '.join(EDIT_MODES)}")
+        if self.phase not in PHASES:
+            raise InterventionError(f"phase={self.phase!r}; allowed: {', '.join(PHASES)}")
+        if not math.isfinite(self.value):
+            raise InterventionError(f"value={self.value!r} for feature {self.feature} at layer "
+                                    f"{self.layer}; must be a finite number")
+
+    def feature_edit(self) -> FeatureEdit:
+        """The phase-free edit of :mod:`resae_serve.interventions` (the math oracle's input)."""
+        return FeatureEdit(self.layer, self.feature, self.mode, self.value)
+
+
+@dataclass(frozen=True)
+class SteerVector:
+    """A raw vector added to the block output of one layer."""
+
+    layer: int
+    vector: tuple[float, ...]
+    """``d_model`` finite floats."""
+    phase: Phase = "all"
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise InterventionError(f"phase={self.phase!r}; allowed: {', '.join(PHASES)}")
+        if not all(math.isfinite(v) for v in self.vector):
+            raise InterventionError(f"vector at layer {self.layer} has non-finite entries")
+
+
+@dataclass(frozen=True)
+class MonitorSpec:
+    """Which features to report per token."""
+
+    layers: tuple[int, ...] = ()
+    """Dictionary layers to encode (after this request's edits at that layer)."""
+    top_k: int = 0
+    """Report the ``top_k`` largest features per token and layer (0 = none)."""
+    watch: tuple[int, ...] = ()
+    """Feature ids whose values are reported on every token of every monitored layer."""
+    raw: bool = False
+    """Also return the block-output activations themselves (parity tests, debugging)."""
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    """Everything one request asks of the ReSAE hook."""
+
+    edits: tuple[SteerEdit, ...] = ()
+    vectors: tuple[SteerVector, ...] = ()
+    monitor: MonitorSpec = field(default_factory=MonitorSpec)
+    key: str = ""
+    """Caller's handle for fetching monitor results (not part of the steering hash)."""
+
+    @property
+    def steers(self) -> bool:
+        return bool(self.edits or self.vectors)
+
+    def validate(self, layers: Sequence[int], d_sae: Sequence[int], d_model: int) -> None:
+        """Raise :class:`InterventionError` naming the field unless the dictionary can take it."""
+        known = list(layers)
+
+        def check_layer(layer: int, what: str) -> int:
+            if layer not in known:
+                raise InterventionError(f"{what}: layer={layer} is not in the dictionary; its "
+                                        f"layers are {known}")
+            return known.index(layer)
+
+        counts: dict[int, int] = {}
+        for edit in self.edits:
+            i = check_layer(edit.layer, "edit")
+            if not 0 <= edit.feature < d_sae[i]:
+                raise InterventionError(f"edit: feature={edit.feature} at layer {edit.layer}; "
+                                        f"allowed 0..{d_sae[i] - 1}")
+            counts[edit.layer] = counts.get(edit.layer, 0) + 1
+        for layer, count in counts.items():
+            if count > MAX_EDITS_PER_LAYER:
+                raise InterventionError(f"{count} feature edits at layer {layer}; at most "
+                                        f"{MAX_EDITS_PER_LAYER} per layer and request")
+        for vec in self.vectors:
+            check_layer(vec.layer, "vector")
+            if len(vec.vector) != d_model:
+                raise InterventionError(f"vector at layer {vec.layer} has {len(vec.vector)} "
+                                        f"entries; expected d_model={d_model}")
+        for layer in self.monitor.layers:
+            check_layer(layer, "monitor")
+        if self.monitor.top_k < 0 or self.monitor.top_k > min(d_sae):
+            raise InterventionError(f"monitor: top_k={self.monitor.top_k}; allowed "
+                                    f"0..{min(d_sae)}")
+        for feature in self.monitor.watch:
+            if not 0 <= feature < min(d_sae):
+                raise InterventionError(f"monitor: watch feature={feature}; allowed "
+                                        f"0..{min(d_sae) - 1}")
+
+    # ------------------------------------------------------------------ wire form
+
+    def steering_json(self) -> dict[str, Any]:
+        """The steering content only (what changes activations), in canonical form."""
+        return {
+            "edits": [[e.layer, e.feature, e.mode, float(e.value), e.phase] for e in self.edits],
+            "vectors": [[v.layer, [float(x) for x in v.vector], v.phase] for v in self.vectors],
+        }
+
+    def to_extra_args(self) -> dict[str, Any]:
+        m = self.monitor
+        return {EXTRA_ARGS_KEY: {
+            **self.steering_json(), "key": self.key,
+            "monitor": {"layers": list(m.layers), "top_k": m.top_k, "watch": list(m.watch),
+                        "raw": m.raw},
+        }}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> SteeringSpec | None:
+        """Parse the worker-side copy; ``None`` when the request carries no ReSAE part."""
+        data = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        if not data:
+            return None
+        m = data.get("monitor") or {}
+        return cls(
+            edits=tuple(SteerEdit(int(a), int(b), c, float(d), p)
+                        for a, b, c, d, p in data.get("edits", ())),
+            vectors=tuple(SteerVector(int(a), tuple(float(x) for x in v), p)
+                          for a, v, p in data.get("vectors", ())),
+            monitor=MonitorSpec(tuple(m.get("layers", ())), int(m.get("top_k", 0)),
+                                tuple(m.get("watch", ())), bool(m.get("raw", False))),
+            key=str(data.get("key", "")),
+        )
+
+    def content_hash(self) -> str:
+        """SHA-256 of the canonical steering content (monitoring and key excluded)."""
+        blob = json.dumps(self.steering_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def cache_salt(self) -> str | None:
+        """Prefix-cache salt: ``None`` for unsteered requests so they share the plain cache."""
+        return f"resae-{self.content_hash()[:32]}" if self.steers else None

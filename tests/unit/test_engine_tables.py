@@ -1,0 +1,117 @@
+"""The engine's table math against the torch oracle ``ReSAE.intervention_delta`` (no vLLM)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
+from resae_serve.engine.tables import SteeringTables, TablesFullError
+from resae_serve.interventions import InterventionError, edit_table
+from tests.unit.resae_fixtures import D_MODEL, D_SAE, LAYERS, tiny_acts, tiny_resae
+
+ATOL = 1e-5  # float32, same ops in a different order
+
+
+def _step(tables: SteeringTables, specs: list[SteeringSpec | None], counts: list[int],
+          starts: list[int], num_prompt: list[int]) -> None:
+    rows = [tables.claim(f"r{j}", spec) for j, spec in enumerate(specs)]
+    tables.prepare_step(sum(counts), rows, np.array(counts), np.array(starts),
+                        np.array(num_prompt))
+
+
+def _run_layers(tables: SteeringTables, acts: dict[int, torch.Tensor]
+                ) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Feed each layer's block output split as hidden + residual; (before, after) per layer."""
+    before, after = {}, {}
+    for i, layer in enumerate(LAYERS):
+        residual = torch.randn_like(acts[layer])
+        hidden = acts[layer] - residual
+        before[layer] = hidden + residual
+        tables.apply(i, hidden, residual)
+        after[layer] = hidden + residual
+    return before, after
+
+
+@pytest.mark.parametrize("mode", ["resae", "layerwise"])
+def test_apply_matches_intervention_delta(mode: str) -> None:
+    resae = tiny_resae(mode)  # type: ignore[arg-type]
+    tables = SteeringTables(resae, max_tokens=16, max_rows=9)
+    edits = (SteerEdit(LAYERS[0], 3, "add", 2.0), SteerEdit(LAYERS[1], 5, "clamp", 1.5),
+             SteerEdit(LAYERS[1], 7, "scale", 3.0), SteerEdit(LAYERS[1], 9, "ablate"),
+             SteerEdit(LAYERS[1], 11, "add", -1.0))
+    vector = tuple(float(x) for x in torch.linspace(-1, 1, D_MODEL))
+    spec = SteeringSpec(edits=edits, vectors=(SteerVector(LAYERS[1], vector),))
+    # request 0 unsteered (3 tokens), request 1 steered (3 tokens); no padding
+    _step(tables, [None, spec], [3, 3], [0, 0], [3, 3])
+    acts = tiny_acts(6)
+    clean, got = _run_layers(tables, acts)
+    # oracle: layer 0 edits on clean h0; layer 1 reads h_prev = edited h0 (what the stream carried)
+    h0 = acts[LAYERS[0]][3:]
+    t0 = edit_table([edits[0].feature_edit()], 3, d_sae=D_SAE)
+    h0_new = h0 + resae.intervention_delta(LAYERS[0], h0, None, t0)
+    t1 = edit_table([e.feature_edit() for e in edits[1:]], 3, d_sae=D_SAE)
+    h1 = acts[LAYERS[1]][3:]
+    h1_new = h1 + resae.intervention_delta(LAYERS[1], h1, h0_new, t1) + torch.tensor(vector)
+    torch.testing.assert_close(got[LAYERS[0]][3:], h0_new, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[LAYERS[1]][3:], h1_new, atol=ATOL, rtol=0)
+    for layer in LAYERS:  # unsteered tokens: bit-identical
+        assert torch.equal(got[layer][:3], clean[layer][:3])
+
+
+def test_phases_select_rows_by_position() -> None:
+    tables = SteeringTables(tiny_resae(), max_tokens=8, max_rows=5)
+    spec = SteeringSpec(edits=(SteerEdit(LAYERS[0], 1, "add", 1.0, "generation"),))
+    # prompt of 4; this step computes positions 3, 4 (last prompt token + first generated)
+    _step(tables, [spec], [2], [3], [4])
+    rows = tables.token_rows[:2].tolist()
+    assert rows[0] == 0 and rows[1] != 0
+
+
+def test_rows_shared_released_and_capped() -> None:
+    tables = SteeringTables(tiny_resae(), max_tokens=8, max_rows=3)  # 2 usable rows
+    a = SteeringSpec(edits=(SteerEdit(LAYERS[0], 1, "add", 1.0),))
+    b = SteeringSpec(edits=(SteerEdit(LAYERS[0], 2, "add", 1.0),))
+    c = SteeringSpec(edits=(SteerEdit(LAYERS[0], 3, "add", 1.0),))
+    ra, ra2 = tables.claim("a", a), tables.claim("a2", a)
+    assert ra == ra2 and tables.rows_in_use == 1          # same config, same row
+    tables.claim("b", b)
+    with pytest.raises(TablesFullError):
+        tables.claim("c", c)
+    tables.release("b")
+    assert tables.rows_in_use == 1
+    row = tables.claim("c", c).prompt
+    assert tables.add_vec[0, row].abs().sum() > 0
+    tables.release("a"), tables.release("a2"), tables.release("c")
+    assert tables.rows_in_use == 0 and tables.add_vec.abs().sum() == 0
+
+
+def test_inactive_step_leaves_hidden_untouched() -> None:
+    tables = SteeringTables(tiny_resae(), max_tokens=8, max_rows=3)
+    _step(tables, [None, None], [2, 1], [0, 5], [2, 4])
+    assert not tables.active
+    hidden = torch.randn(3, D_MODEL)
+    before = hidden.clone()
+    tables.apply(0, hidden, torch.randn(3, D_MODEL))
+    assert torch.equal(hidden, before)
+
+
+def test_spec_validation_and_salt() -> None:
+    d_sae = [D_SAE] * len(LAYERS)
+    with pytest.raises(InterventionError, match="layer=99"):
+        SteeringSpec(edits=(SteerEdit(99, 1),)).validate(LAYERS, d_sae, D_MODEL)
+    with pytest.raises(InterventionError, match="feature=32"):
+        SteeringSpec(edits=(SteerEdit(LAYERS[0], D_SAE),)).validate(LAYERS, d_sae, D_MODEL)
+    with pytest.raises(InterventionError, match="finite"):
+        SteerEdit(LAYERS[0], 1, "add", float("nan"))
+    with pytest.raises(InterventionError, match="at most"):
+        SteeringSpec(edits=tuple(SteerEdit(LAYERS[0], f) for f in range(9))).validate(
+            LAYERS, d_sae, D_MODEL)
+    spec = SteeringSpec(edits=(SteerEdit(LAYERS[0], 1, "clamp", 2.0),),
+                        monitor=MonitorSpec((LAYERS[1],), top_k=4), key="x")
+    back = SteeringSpec.from_extra_args(spec.to_extra_args())
+    assert back == spec
+    same = SteeringSpec(edits=spec.edits, key="other")
+    assert spec.cache_salt() == same.cache_salt() is not None   # monitor/key not in the hash
+    assert SteeringSpec(monitor=MonitorSpec((LAYERS[0],))).cache_salt() is None
