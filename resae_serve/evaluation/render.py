@@ -1,0 +1,87 @@
+"""``report.md``: the evaluation report as readable tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(value: float | None, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
+    """The whole report as Markdown."""
+    dicts: dict[str, Any] = report["dictionaries"]
+    settings = report["settings"]
+    lines = [
+        "# Dictionary evaluation", "",
+        f"Model `{report['model']}`, corpus `{report['corpus']}` ({report['split']} split); "
+        f"splicing on {settings['splice_windows']} windows of {settings['context_size']} tokens "
+        f"({report['splice_tokens']} spliced positions). resae-serve {report['package_version']}"
+        f", {report['created']}.", "",
+    ]
+    lines += ["| dictionary | mode | layers | architecture | k | d_sae | tokens | affine maps |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, d in dicts.items():
+        lines.append(f"| {name} | {d['mode']} | {d['layers']} | {d['architecture']} | {d['k']} "
+                     f"| {d['d_sae'][0]} | {d['tokens_trained']} | {d['affine_maps_from']} |")
+    lines += ["", "## Reconstruction (held-out)", "",
+              "FVE in activation space (through the chain for a ReSAE); residual space is "
+              "r = h − A h_prev − c.", ""]
+    rows = [[name, str(r["layer"]), _f(r["fve"]), _f(r["residual_fve"]), _f(r["input_fve"]),
+             _f(r["mse"], ".4g"), _f(r["cosine"]), _f(r["l0"], ".1f"),
+             _f(r["dead_fraction"], ".1%"), _f(r["dense_fraction"], ".1%"), _f(r["shrinkage"]),
+             str(r["n_tokens"])]
+            for name, d in dicts.items() for r in d["reconstruction"]]
+    lines += _table(["dictionary", "layer", "FVE", "residual FVE", "SAE-input FVE", "MSE",
+                     "cosine", "L0", "dead", "dense", "‖x̂‖/‖x‖", "tokens"], rows)
+    lines += ["## Splicing", "",
+              "ΔCE = CE_spliced − CE_clean (nats/token); KL(p_clean ‖ p_spliced) per token; CE "
+              "recovered against mean ablation of the same layers; interaction = ΔCE_joint − "
+              "Σ ΔCE_single. Teacher-forced joint replacement always equals replacing the last "
+              "layer alone with the same x̂ (the blocks after it read only the stream it "
+              "writes), so its interaction is −Σ of the earlier layers' ΔCE by construction; "
+              "online replacement is where layers compound. In a ReSAE a single layer's x̂ comes "
+              "through the chain, with the upstream layers' errors.", ""]
+    rows = []
+    for name, d in dicts.items():
+        s = d["splicing"]
+        conditions = [(f"layer {layer} alone", r) for layer, r in s["single"].items()]
+        conditions += [(f"joint, {mode.replace('_', '-')}", r) for mode, r in s["joint"].items()]
+        for label, r in conditions:
+            rows.append([name, label, _f(s["ce_clean"]), _f(r["ce"]), _f(r["delta_ce"]),
+                         _f(r["kl"]), _f(r["ce_ablate"]), _f(r["ce_recovered"], ".3f")])
+    lines += _table(["dictionary", "condition", "CE clean", "CE spliced", "ΔCE", "KL",
+                     "CE ablated", "CE recovered"], rows)
+    rows = [[name, _f(d["splicing"]["sum_single_delta_ce"]),
+             *(_f(d["splicing"]["interaction"].get(mode)) for mode in settings["modes"])]
+            for name, d in dicts.items()]
+    lines += _table(["dictionary", "Σ ΔCE single",
+                     *(f"interaction ({m.replace('_', '-')})" for m in settings["modes"])], rows)
+    lines += ["## Redundancy", "",
+              "Per latent of a later layer: max |cos| of its decoder row to the previous layer's "
+              "rows, raw and after mapping those by A.", ""]
+    rows = [[name, f"{r['layer']} vs {r['previous']}", _f(r["raw>0.7"], ".1%"),
+             _f(r["raw>0.9"], ".1%"), _f(r["mapped>0.7"], ".1%"), _f(r["mapped>0.9"], ".1%"),
+             _f(r["median_raw"], ".3f"), _f(r["median_mapped"], ".3f")]
+            for name, d in dicts.items() for r in d["redundancy"]]
+    lines += _table(["dictionary", "layers", "raw > 0.7", "raw > 0.9", "mapped > 0.7",
+                     "mapped > 0.9", "median raw", "median mapped"], rows)
+    lines += ["## Linear propagation", "",
+              "A feature direction added at layer m (α = the layer's mean active code) vs the "
+              "actual change of h at the next dictionary layer; 'new' is the next SAE's "
+              "decoded change relative to it.", ""]
+    rows = [[name, f"{r['layer']} → {r['next_layer']}", str(r["n_features"]), _f(r["alpha"], ".2f"),
+             _f(r["cosine"], ".3f"), _f(r["norm_ratio"], ".3f"), _f(r["linear_r2"], ".3f"),
+             _f(r["new_fraction"], ".3f"), _f(r["new_latents"], ".2f")]
+            for name, d in dicts.items() for r in d["propagation"]]
+    lines += _table(["dictionary", "layers", "features", "α", "cos(Δh, Aδ)", "‖Δh‖/‖Aδ‖",
+                     "R²", "new fraction", "latents switched on"], rows)
+    if plots:
+        lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
+    return "\n".join(lines)
