@@ -8,8 +8,11 @@ workload runs side by side in one process, so ratios compare like with like:
 - monitor: top-8 features at all 4 layers on every request,
 - both.
 
-``--stock`` instead runs vLLM's own ``LlamaForCausalLM`` (no op at all) for the plain rows, to
-price the idle hook. Usage: ``python -m benchmarks.engine [--dictionary DIR] [--batches 1 8 32]``.
+``--profile`` skips vLLM and times the hook's pieces for one decode step of ``--profile-batch``
+requests ("both" workload, K distinct configs) with the same tables, op body and monitor code the
+engine runs: host fill (spec lookup + ``prepare_step``), the op body per layer (encode for
+clamp, deltas, capture copy), the monitor's encode of that step and its record building.
+Usage: ``python -m benchmarks.engine [--dictionary DIR] [--batches 1 8 32] [--profile]``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -83,6 +87,96 @@ def _run(llm: Any, kind: str, batch: int, configs: int, max_tokens: int) -> tupl
     return tokens / elapsed, elapsed / max_tokens * 1000
 
 
+def _timed(fn: Any, repeat: int = 30) -> float:
+    """Median wall time of ``fn()`` in ms (after two warm-up calls)."""
+    fn(), fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1000
+
+
+def profile_op(folder: Path, batch: int, configs: int) -> str:
+    """Per-step cost of the hook's pieces at one decode step of ``batch`` requests (no vLLM)."""
+    import numpy as np
+
+    from resae_serve.artifact import load_artifact
+    from resae_serve.engine.hook import StepHook
+    from resae_serve.engine.monitor import Monitor, StepCapture
+    from resae_serve.engine.tables import SteeringTables
+
+    resae, _ = load_artifact(folder)
+    tables = SteeringTables(resae, max_tokens=2048, max_rows=2 * 32 + 1)
+    monitor = Monitor(resae)
+    hook = StepHook(tables, monitor)
+    specs = {f"r{j}": s for j, s in enumerate(_specs("both", batch, configs))}
+
+    # what RunnerBatch reads, for a pure decode step (1 token per request)
+    runner = SimpleNamespace(
+        input_batch=SimpleNamespace(req_ids=list(specs),
+                                    num_computed_tokens_cpu=np.full(batch, 40),
+                                    num_prompt_tokens=np.full(batch, 8)),
+        query_start_loc=SimpleNamespace(np=np.arange(batch + 1)),
+        requests={k: SimpleNamespace(sampling_params=SimpleNamespace(
+            extra_args=s.to_extra_args())) for k, s in specs.items()})
+    hook.bind(runner)
+    hidden = torch.randn(batch, resae.d_model)
+    residual = torch.randn(batch, resae.d_model)
+    n_layers = len(resae.layers)
+
+    def host() -> None:
+        hook.before_forward(batch)
+        hook._step = None
+
+    def layer_op(i: int) -> Any:
+        return lambda: tables.apply(i, hidden.clone(), residual)
+
+    host()
+    captures = []
+    for i in range(n_layers):
+        tables.apply(i, hidden.clone(), residual)
+        capture = tables.captures[i]
+        assert capture is not None
+        captures.append(capture)
+    step = StepCapture(keys=[s.key for s in specs.values()], counts=np.ones(batch, dtype=np.int64),
+                       starts=np.full(batch, 40),
+                       layers={i: (tables.capture_idx[i, :batch].numpy().copy(),
+                                   captures[i]) for i in range(n_layers)})
+    monitor.flush()        # the specs registered by host() are in place
+    encode_only = {i: rows for i, (_, rows) in step.layers.items()}
+
+    def sae_encodes() -> None:
+        with torch.no_grad():
+            for i in range(n_layers):
+                resae.saes[i].encode(resae.sae_input(
+                    i, encode_only[i], encode_only[i - 1] if i else None))
+
+    def monitor_step() -> None:
+        monitor._encode(step)
+        monitor.results.clear()
+
+    def pieces() -> list[float]:
+        return [_timed(host), sum(_timed(layer_op(i)) for i in range(n_layers)),
+                _timed(sae_encodes), _timed(monitor_step)]
+
+    names = ["host fill (new specs parsed once; prepare_step)",
+             "op body, 4 layers (clamp encode, deltas, capture copy)",
+             "SAE encodes alone, 4 layers (the monitor's main cost)",
+             "monitor, one step: encode + records, 4 layers"]
+    threads = torch.get_num_threads()
+    columns = {threads: pieces()}
+    torch.set_num_threads(1)
+    columns[1] = pieces()
+    torch.set_num_threads(threads)
+    head = " | ".join(f"ms, {t} thread{'s' * (t > 1)}" for t in columns)
+    return (f"| piece (batch {batch}, K={configs}, one decode step) | {head} |\n"
+            f"| --- |{' ---: |' * len(columns)}\n"
+            + "\n".join(f"| {name} | " + " | ".join(f"{c[r]:.2f}" for c in columns.values())
+                         + " |" for r, name in enumerate(names)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dictionary", type=Path, default=None)
@@ -91,8 +185,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="time the hook's pieces only")
+    parser.add_argument("--profile-batch", type=int, default=32)
+    parser.add_argument("--profile-configs", type=int, default=32)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.profile:
+        folder = args.dictionary or random_dictionary(Path(tempfile.mkdtemp()) / "dict")
+        print(profile_op(folder, args.profile_batch, args.profile_configs))
+        return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from resae_serve.engine.llm import build_llm
 

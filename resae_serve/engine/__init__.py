@@ -5,8 +5,16 @@
 - :mod:`~resae_serve.engine.op`: the ``resae::steer`` custom op the compiled graph calls.
 - :mod:`~resae_serve.engine.model`, :mod:`~resae_serve.engine.worker`: the vLLM side.
 - :mod:`~resae_serve.engine.llm`: building an engine and running offline batches.
+- :mod:`~resae_serve.engine.serving`: the async ``generate`` wrapper (admission, features,
+  events); :mod:`~resae_serve.engine.driver` drives an offline ``LLM`` through it.
 """
 
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
+from resae_serve.engine.spec import (
+    MonitorSpec,
+    SteerEdit,
+    SteeringSpec,
+    SteerVector,
+    Threshold,
+)
 
-__all__ = ["MonitorSpec", "SteerEdit", "SteerVector", "SteeringSpec"]
+__all__ = ["MonitorSpec", "SteerEdit", "SteerVector", "SteeringSpec", "Threshold"]

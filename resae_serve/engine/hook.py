@@ -62,6 +62,7 @@ class StepHook:
         self.monitor = monitor
         self.batch: RunnerBatch | None = None
         self._keys: dict[str, str] = {}
+        self._monitored: set[str] = set()
         self._step: StepCapture | None = None
         self.rejected = 0
 
@@ -70,6 +71,9 @@ class StepHook:
 
     def _rows(self, req_id: str) -> RequestRows:
         assert self.batch is not None
+        known = self.tables.rows_of(req_id)
+        if known is not None:        # parse extra_args once per request, not every step
+            return known
         spec = self.batch.spec(req_id)
         try:
             rows = self.tables.claim(req_id, spec)
@@ -82,6 +86,7 @@ class StepHook:
         if spec is not None and spec.key:
             self._keys[req_id] = spec.key
             if spec.monitor.layers:
+                self._monitored.add(spec.key)
                 self.monitor.register(spec.key, spec.monitor)
         return rows
 
@@ -94,7 +99,10 @@ class StepHook:
         for req_id in self.tables.known_requests():
             if req_id not in live:           # finished or aborted (preempted ones stay live)
                 self.tables.release(req_id)
-                self._keys.pop(req_id, None)
+                key = self._keys.pop(req_id, None)
+                if key is not None and key in self._monitored:
+                    self._monitored.discard(key)
+                    self.monitor.finish(key)
         layout = self.batch.layout()
         if int(layout.counts.sum()) > n_tokens or n_tokens > self.tables.max_tokens:
             self.tables.deactivate()         # a dummy / profiling pass, not this batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,30 +24,52 @@ def _vllm() -> Any:
     return vllm
 
 
-def build_llm(model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
-              max_model_len: int = 512, max_num_seqs: int = 8, max_configs: int = 32,
-              enforce_eager: bool = False, dtype: str = "float32", seed: int = 0,
-              **engine_kwargs: Any) -> Any:
-    """A ``vllm.LLM`` whose Llama blocks carry the ``resae::steer`` op at the dictionary layers.
+def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
+                  max_model_len: int = 512, max_num_seqs: int = 8, max_configs: int = 32,
+                  enforce_eager: bool = False, dtype: str = "float32", seed: int = 0,
+                  **extra: Any) -> dict[str, Any]:
+    """vLLM engine arguments that put the ReSAE hook at the dictionary's layers.
 
     ``enforce_eager=True`` is the fallback without torch.compile (slower; same results).
     ``max_configs`` caps distinct steering configs resident at once (table rows).
     """
-    vllm = _vllm()
     from resae_serve.engine.worker import ARCHITECTURE, QUALNAME, register_architecture
 
     register_architecture()  # the front end validates the architecture too
-    llm = vllm.LLM(
+    return dict(
         model=str(resolve_model(model)), dtype=dtype, seed=seed, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, worker_extension_cls=QUALNAME,
         hf_overrides={"architectures": [ARCHITECTURE],
                       "resae_dictionary": str(Path(dictionary).resolve()),
                       "resae_max_configs": max_configs},
-        **engine_kwargs,
+        **extra,
     )
+
+
+def build_llm(model: str | os.PathLike[str], dictionary: str | os.PathLike[str],
+              **kwargs: Any) -> Any:
+    """A ``vllm.LLM`` whose Llama blocks carry the ``resae::steer`` op at the dictionary layers
+    (arguments: :func:`engine_kwargs`)."""
+    vllm = _vllm()
+    llm = vllm.LLM(**engine_kwargs(model, dictionary, **kwargs))
     layers = llm.collective_rpc("resae_bind")
     logger.info("ReSAE hook bound at layers %s", layers[0])
     return llm
+
+
+async def build_async_llm(model: str | os.PathLike[str], dictionary: str | os.PathLike[str],
+                          **kwargs: Any) -> Any:
+    """A vLLM ``AsyncLLM`` with the hook bound (arguments: :func:`engine_kwargs`); wrap it in
+    :class:`resae_serve.engine.serving.ResaeEngine` with ``await ResaeEngine.connect(...)``."""
+    _vllm()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, dictionary,
+                                                                       **kwargs)))
+    layers = await engine.collective_rpc("resae_bind")
+    logger.info("ReSAE hook bound at layers %s", layers[0])
+    return engine
 
 
 def sampling_with(params: Any, spec: SteeringSpec | None) -> Any:
@@ -58,10 +81,17 @@ def sampling_with(params: Any, spec: SteeringSpec | None) -> Any:
 
 
 def prompt_with(prompt: str | Sequence[int], spec: SteeringSpec | None) -> dict[str, Any]:
-    """A vLLM prompt dict, salted with the steering hash so prefix caching stays isolated."""
+    """A vLLM prompt dict, salted with the steering hash so prefix caching stays isolated.
+
+    Monitored requests get a salt of their own: every prompt position is then computed (and
+    encoded) instead of read from the prefix cache; their prefill is never shared."""
     item: dict[str, Any] = ({"prompt": prompt} if isinstance(prompt, str)
                             else {"prompt_token_ids": list(prompt)})
     salt = spec.cache_salt() if spec is not None else None
+    if spec is not None and spec.monitor.layers:
+        # cached prompt positions are never computed, so they would get no features: a
+        # monitored request reads no one else's cache (its own, after a preemption, still)
+        salt = f"{salt or 'resae'}-monitor-{uuid.uuid4().hex}"
     if salt is not None:
         item["cache_salt"] = salt
     return item
@@ -69,9 +99,20 @@ def prompt_with(prompt: str | Sequence[int], spec: SteeringSpec | None) -> dict[
 
 def generate_batch(llm: Any, prompts: Sequence[str | Sequence[int]],
                    specs: Sequence[SteeringSpec | None], params: Any) -> list[Any]:
-    """Offline batch: one request per prompt with its own spec (``None`` = unsteered)."""
+    """Offline batch: one request per prompt with its own spec (``None`` = unsteered).
+
+    Raises ``ValueError`` when the batch has more distinct steering configs than the engine's
+    tables hold (no admission queue here; :class:`~resae_serve.engine.serving.ResaeEngine`
+    has one)."""
     if len(prompts) != len(specs):
         raise ValueError(f"{len(prompts)} prompts but {len(specs)} specs; need one spec each")
+    configs = {s.content_hash() for s in specs if s is not None and s.steers}
+    if configs:
+        limit = int(llm.collective_rpc("resae_info")[0]["max_configs"])
+        if len(configs) > limit:   # the worker would run the overflow unsteered
+            raise ValueError(f"{len(configs)} distinct steering configs in one batch; this "
+                             f"engine holds {limit} (max_configs): split the batch, or use "
+                             "ResaeEngine.generate, which queues them")
     return list(llm.generate([prompt_with(p, s) for p, s in zip(prompts, specs, strict=True)],
                              [sampling_with(params, s) for s in specs], use_tqdm=False))
 

@@ -4,8 +4,16 @@ The op copies each monitored layer's block output (after that layer's edits) for
 monitoring requests; :class:`Monitor` encodes those copies with the torch ``ReSAE`` on a
 background thread and keeps per-request results in token order.
 
-Overload policy: the queue holds ``max_pending`` steps. When it is full the step thread encodes
-that step itself (back-pressure: decoding slows down, no monitoring result is ever dropped).
+Overload policy: the queue holds ``max_pending`` steps. When it is full the step thread waits
+for a free slot (back-pressure: decoding slows down; no monitoring result is ever dropped and
+results stay in step order). ``stalled_steps`` counts those waits.
+
+Thresholds (:class:`~resae_serve.engine.spec.Threshold`) are checked here, on the very codes that
+are reported: a record carries ``events = [[feature, value, threshold], ...]``.
+
+A preempted request is recomputed from its first token; its positions are encoded again.
+:meth:`Monitor.take` keeps the latest record per (position, layer), and ``recomputed`` counts
+the repeats (a direct measure of preemption seen by the monitor).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import torch
 
 from resae_serve.engine.spec import MonitorSpec
 from resae_serve.resae import ReSAE
+from resae_serve.saes.base import SAE
+from resae_serve.saes.topk import TopKSAE
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +48,24 @@ class StepCapture:
     """Dictionary position → (flat token indices (n,), block outputs (n, d))."""
 
 
+def _summaries(sae: SAE, u: torch.Tensor, k: int, columns: list[int]
+               ) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
+    """Top-``k`` ids and values and the codes of ``columns``, per token, as lists.
+
+    A TopK SAE is read from its sparse codes (N, k_sae): no dense (N, d_sae) tensor."""
+    if type(sae) is TopKSAE and k <= sae.config.k:
+        codes = sae.encode_sparse(u)                                       # (N, k_sae)
+        top = codes.values.topk(k)
+        ids = codes.indices.gather(1, top.indices)
+        cols = torch.tensor(columns, dtype=torch.long)
+        match = codes.indices.unsqueeze(1) == cols.view(1, -1, 1)          # (N, C, k_sae)
+        picked = (codes.values.unsqueeze(1) * match).sum(-1)
+        return ids.tolist(), top.values.tolist(), picked.tolist()
+    z = sae.encode(u)                                                      # (N, d_sae)
+    top = z.topk(k)
+    return top.indices.tolist(), top.values.tolist(), z[:, columns].tolist()
+
+
 class Monitor:
     """Background encoder of :class:`StepCapture` records; results fetched by request key."""
 
@@ -45,37 +73,100 @@ class Monitor:
         self.resae = resae
         self.specs: dict[str, MonitorSpec] = {}
         self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.inline_steps = 0
-        self._queue: queue.Queue[StepCapture] = queue.Queue(maxsize=max_pending)
+        self.stalled_steps = 0
+        self.recomputed = 0
+        self._seen: dict[tuple[str, int], int] = {}   # (key, layer) -> furthest position
+        self._queue: queue.Queue[StepCapture | tuple[str, MonitorSpec | None]] = queue.Queue(
+            maxsize=max_pending)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="resae-monitor", daemon=True)
         self._thread.start()
 
     def register(self, key: str, spec: MonitorSpec) -> None:
-        self.specs[key] = spec
+        """A request starts monitoring (queued, so it orders with the steps around it)."""
+        self._queue.put((key, spec))
 
     def submit(self, step: StepCapture) -> None:
         try:
             self._queue.put_nowait(step)
         except queue.Full:
-            self.inline_steps += 1
-            self._encode(step)
+            self.stalled_steps += 1
+            self._queue.put(step)
+
+    def finish(self, key: str) -> None:
+        """The request has left the engine: forget its spec once its queued steps are encoded
+        (a later request may reuse the key; its :meth:`register` comes after this)."""
+        self._queue.put((key, None))
 
     def flush(self) -> None:
         self._queue.join()
 
-    def take(self, key: str) -> list[dict[str, Any]]:
-        """Results of one request so far, sorted by (position, layer), removed from the store."""
-        self.flush()
+    def take(self, key: str, *, wait: bool = True) -> list[dict[str, Any]]:
+        """Results of one request so far, sorted by (position, layer), removed from the store.
+
+        ``wait`` first encodes every queued step; without it, only what is already encoded
+        (steps are encoded in order, so a later take continues where this one stopped).
+        """
+        if wait:
+            self.flush()
         with self._lock:
             records = self.results.pop(key, [])
-        return sorted(records, key=lambda r: (r["position"], r["layer"]))
+        latest = {(r["position"], r["layer"]): r for r in records}   # recomputed: keep the last
+        return [latest[k] for k in sorted(latest)]
+
+    def take_many(self, keys: list[str], *, wait: bool = False) -> dict[str, list[dict[str, Any]]]:
+        if wait:
+            self.flush()
+        return {key: self.take(key, wait=False) for key in keys}
+
+    @staticmethod
+    def _records(step: StepCapture, layer: int, sae: SAE, u: torch.Tensor, rows: torch.Tensor,
+                 idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
+                 firsts: np.ndarray) -> list[dict[str, Any]]:
+        """Records of the ``wanted`` tokens from their SAE inputs ``u`` (n_wanted, d_in).
+
+        One encode, one ``topk`` and one gather for all tokens, then plain lists (per-token
+        tensor calls would cost more than the encode at decode batch sizes).
+        """
+        chosen = [specs[row] for row in wanted.tolist()]
+        k = max(s.top_k for s in chosen)
+        columns = sorted({f for s in chosen for f in s.watch}
+                         | {t.feature for s in chosen for t in s.thresholds if t.layer == layer})
+        column = {f: c for c, f in enumerate(columns)}
+        top_ids, top_values, picked = _summaries(sae, u, k, columns)
+        records: list[dict[str, Any]] = []
+        for n, (row, spec) in enumerate(zip(wanted.tolist(), chosen, strict=True)):
+            j = int(req[row])
+            record: dict[str, Any] = {
+                "key": step.keys[j], "layer": layer,
+                "position": int(step.starts[j] + idx[row] - firsts[j])}
+            if spec.top_k:
+                record["top_k"] = (top_ids[n][: spec.top_k], top_values[n][: spec.top_k])
+            if spec.watch:
+                record["watch"] = [picked[n][column[f]] for f in spec.watch]
+            if spec.raw:
+                record["raw"] = rows[row].tolist()
+            events = [[t.feature, value, t.value] for t in spec.thresholds
+                      if t.layer == layer and (value := picked[n][column[t.feature]]) >= t.value]
+            if events:
+                record["events"] = events
+            records.append(record)
+        return records
 
     def _run(self) -> None:
         while True:
             step = self._queue.get()
             try:
-                self._encode(step)
+                if isinstance(step, StepCapture):
+                    self._encode(step)
+                    continue
+                key, spec = step
+                for layer in self.resae.layers:
+                    self._seen.pop((key, layer), None)
+                if spec is None:
+                    self.specs.pop(key, None)
+                else:
+                    self.specs[key] = spec
             except Exception:  # a monitoring failure must never take the engine down
                 logger.exception("monitor step failed")
             finally:
@@ -101,20 +192,17 @@ class Monitor:
                 if not np.array_equal(prev_idx[at], idx):
                     raise RuntimeError(f"layer {layer}: previous layer not captured")
                 h_prev = prev_rows[torch.from_numpy(at)].float()
-            z = self.resae.saes[i].encode(self.resae.sae_input(i, rows.float(), h_prev))
-            for row in np.flatnonzero(wanted).tolist():
-                j, spec = int(req[row]), specs[row]
-                record: dict[str, Any] = {
-                    "key": step.keys[j], "layer": layer,
-                    "position": int(step.starts[j] + idx[row] - firsts[j])}
-                if spec.top_k:
-                    values, ids = z[row].topk(spec.top_k)
-                    record["top_k"] = (ids.tolist(), values.tolist())
-                if spec.watch:
-                    record["watch"] = z[row, list(spec.watch)].tolist()
-                if spec.raw:
-                    record["raw"] = rows[row].tolist()
-                records.append(record)
+            keep = np.flatnonzero(wanted)
+            take = torch.from_numpy(keep)
+            u = self.resae.sae_input(i, rows[take].float(),
+                                     None if h_prev is None else h_prev[take])
+            records += self._records(step, layer, self.resae.saes[i], u, rows, idx, keep, req,
+                                     specs, firsts)
         with self._lock:
             for record in records:
+                seen = (record["key"], record["layer"])
+                if record["position"] <= self._seen.get(seen, -1):
+                    self.recomputed += 1
+                else:
+                    self._seen[seen] = record["position"]
                 self.results[record["key"]].append(record)

@@ -70,6 +70,22 @@ class SteerVector:
 
 
 @dataclass(frozen=True)
+class Threshold:
+    """Raise an event on every token where a monitored feature reaches ``value``."""
+
+    layer: int
+    """A layer of :attr:`MonitorSpec.layers`."""
+    feature: int
+    value: float
+    """Event when the feature's activation is ``>= value`` (codes are non-negative)."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.value):
+            raise InterventionError(f"threshold value={self.value!r} for feature {self.feature} "
+                                    f"at layer {self.layer}; must be a finite number")
+
+
+@dataclass(frozen=True)
 class MonitorSpec:
     """Which features to report per token."""
 
@@ -81,6 +97,8 @@ class MonitorSpec:
     """Feature ids whose values are reported on every token of every monitored layer."""
     raw: bool = False
     """Also return the block-output activations themselves (parity tests, debugging)."""
+    thresholds: tuple[Threshold, ...] = ()
+    """Events raised by the worker, on the same activations as the reported features."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,15 @@ class SteeringSpec:
             if not 0 <= feature < min(d_sae):
                 raise InterventionError(f"monitor: watch feature={feature}; allowed "
                                         f"0..{min(d_sae) - 1}")
+        for t in self.monitor.thresholds:
+            if t.layer not in self.monitor.layers:
+                raise InterventionError(f"monitor: threshold at layer={t.layer}, which is not "
+                                        f"monitored; monitored layers are "
+                                        f"{list(self.monitor.layers)}")
+            i = known.index(t.layer)
+            if not 0 <= t.feature < d_sae[i]:
+                raise InterventionError(f"monitor: threshold feature={t.feature} at layer "
+                                        f"{t.layer}; allowed 0..{d_sae[i] - 1}")
 
     # ------------------------------------------------------------------ wire form
 
@@ -147,7 +174,9 @@ class SteeringSpec:
         return {EXTRA_ARGS_KEY: {
             **self.steering_json(), "key": self.key,
             "monitor": {"layers": list(m.layers), "top_k": m.top_k, "watch": list(m.watch),
-                        "raw": m.raw},
+                        "raw": m.raw,
+                        "thresholds": [[t.layer, t.feature, float(t.value)]
+                                       for t in m.thresholds]},
         }}
 
     @classmethod
@@ -163,7 +192,9 @@ class SteeringSpec:
             vectors=tuple(SteerVector(int(a), tuple(float(x) for x in v), p)
                           for a, v, p in data.get("vectors", ())),
             monitor=MonitorSpec(tuple(m.get("layers", ())), int(m.get("top_k", 0)),
-                                tuple(m.get("watch", ())), bool(m.get("raw", False))),
+                                tuple(m.get("watch", ())), bool(m.get("raw", False)),
+                                tuple(Threshold(int(a), int(b), float(v))
+                                      for a, b, v in m.get("thresholds", ()))),
             key=str(data.get("key", "")),
         )
 

@@ -11,7 +11,7 @@ layer, the flat positions of tokens that need encoding or capturing. :meth:`Stee
 then, at layer ``i`` with block output ``h = hidden + residual`` (vLLM defers the residual add)::
 
     z      = SAE_i.encode(u_i(h, h_prev))          only tokens whose row needs it
-    δ      = add_vec[i, row] + feature_delta(z, edit rows)
+    δ      = add_vec[i, row] + σ_i Σ_e coef(z[f_e], op_e, v_e) W_dec[f_e]   (feature_delta)
     hidden += δ                                    so the block output becomes h + δ
 
 which is :meth:`resae_serve.resae.ReSAE.intervention_delta` with the add edits folded into
@@ -30,10 +30,22 @@ import torch
 
 from resae_serve.engine.spec import MAX_EDITS_PER_LAYER, SteerEdit, SteeringSpec, SteerVector
 from resae_serve.errors import ResaeError
-from resae_serve.interventions import EditOp, EditTable, feature_delta
+from resae_serve.interventions import EditOp, edit_coefficients
 from resae_serve.resae import ReSAE
+from resae_serve.saes.base import SAE
+from resae_serve.saes.topk import TopKSAE
 
 logger = logging.getLogger(__name__)
+
+
+def _codes_at(sae: SAE, u: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+    """Codes ``z[n, feature[n, e]]`` (N, E) without the dense (N, d_sae) code tensor for TopK
+    (no zero-fill and scatter of ``d_sae`` columns per token)."""
+    if type(sae) is TopKSAE:           # subclasses may encode differently
+        codes = sae.encode_sparse(u)                                           # (N, k)
+        match = codes.indices.unsqueeze(1) == feature.unsqueeze(2)             # (N, E, k)
+        return (codes.values.unsqueeze(1) * match).sum(-1)
+    return sae.encode(u).gather(1, feature)
 
 
 class TablesFullError(ResaeError):
@@ -173,6 +185,11 @@ class SteeringTables:
             for key in known[1]:
                 self._release_row(key)
 
+    def rows_of(self, req_id: str) -> RequestRows | None:
+        """Rows of a request already claimed (``None`` when new)."""
+        known = self._requests.get(req_id)
+        return None if known is None else known[0]
+
     def known_requests(self) -> list[str]:
         return list(self._requests)
 
@@ -227,26 +244,31 @@ class SteeringTables:
         n = hidden.shape[0]
         h = torch.add(hidden, residual, out=self.h_buf[i, :n])                    # (n, d)
         ne = self.n_encode[i]
-        delta_enc = None
+        delta = (self.add_vec[i].index_select(0, self.token_rows[:n])             # (n, d)
+                 if self.layer_add[i] else None)
         if ne:
+            whole = ne == n                    # decode steps: every token, no gather/scatter
             idx = self.encode_idx[i, :ne]                                          # (ne,)
-            h_prev = self.h_buf[i - 1, :n].index_select(0, idx) if i else None
-            z = self.resae.saes[i].encode(
-                self.resae.sae_input(i, h.index_select(0, idx).float(),
-                                     None if h_prev is None else h_prev.float()))
-            rows = self.token_rows.index_select(0, idx)
-            table = EditTable(self.edit_feature[i].index_select(0, rows),
-                              self.edit_op[i].index_select(0, rows),
-                              self.edit_value[i].index_select(0, rows))
-            delta_enc = feature_delta(z, self.resae.saes[i].W_dec, self.resae.scales[i],
-                                      table).to(hidden.dtype)                    # (ne, d)
-        if self.layer_add[i]:
-            add = self.add_vec[i].index_select(0, self.token_rows[:n])            # (n, d)
-            hidden.add_(add)
-            h.add_(add)
-        if delta_enc is not None:
-            hidden.index_add_(0, idx, delta_enc)
-            h.index_add_(0, idx, delta_enc)
+            h_prev = self.h_buf[i - 1, :n] if i else None
+            if not whole:
+                h_prev = None if h_prev is None else h_prev.index_select(0, idx)
+            rows = self.token_rows[:n] if whole else self.token_rows.index_select(0, idx)
+            feature = self.edit_feature[i].index_select(0, rows)                  # (ne, E)
+            u = self.resae.sae_input(i, (h if whole else h.index_select(0, idx)).float(),
+                                     None if h_prev is None else h_prev.float())
+            z_at = _codes_at(self.resae.saes[i], u, feature)                      # (ne, E)
+            coef = edit_coefficients(z_at, self.edit_op[i].index_select(0, rows),
+                                     self.edit_value[i].index_select(0, rows))
+            delta_enc = (self.resae.scales[i] * torch.einsum(
+                "ne,ned->nd", coef, self.resae.saes[i].W_dec[feature])).to(hidden.dtype)
+            if whole:
+                delta = delta_enc if delta is None else delta.add_(delta_enc)
+            else:
+                hidden.index_add_(0, idx, delta_enc)
+                h.index_add_(0, idx, delta_enc)
+        if delta is not None:
+            hidden.add_(delta)
+            h.add_(delta)
         nc = self.n_capture[i]
         if nc:
             self.captures[i] = h.index_select(0, self.capture_idx[i, :nc])         # a copy

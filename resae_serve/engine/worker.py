@@ -49,8 +49,23 @@ class ResaeWorkerExtension:
         records: list[dict[str, Any]] = _hook().monitor.take(key)
         return records
 
+    def resae_take_many(self, keys: list[str], wait: bool = False
+                        ) -> dict[str, list[dict[str, Any]]]:
+        """Records of several requests at once; ``wait`` encodes every queued step first."""
+        records: dict[str, list[dict[str, Any]]] = _hook().monitor.take_many(keys, wait=wait)
+        return records
+
+    def resae_info(self) -> dict[str, Any]:
+        """What the front end needs to validate specs: layers, ``d_sae`` per layer, ``d_model``,
+        and the number of distinct steering configs the tables hold."""
+        tables = _hook().tables
+        return {"layers": list(tables.layers), "d_model": tables.resae.d_model,
+                "d_sae": [int(sae.W_dec.shape[0]) for sae in tables.resae.saes],
+                "max_configs": (tables.max_rows - 1) // 2}
+
     def resae_stats(self) -> dict[str, int]:
         hook = _hook()
         return {"rows_in_use": hook.tables.rows_in_use,
                 "requests": len(hook.tables.known_requests()),
-                "rejected": hook.rejected, "monitor_inline_steps": hook.monitor.inline_steps}
+                "rejected": hook.rejected, "monitor_stalled_steps": hook.monitor.stalled_steps,
+                "monitor_recomputed": hook.monitor.recomputed}

