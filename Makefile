@@ -45,6 +45,8 @@ demo: setup
 bench: setup
 	$(BIN)/python -m benchmarks.capture
 	$(BIN)/python -m benchmarks.train
+	$(BIN)/python -m benchmarks.runtime
+	$(BIN)/python -m benchmarks.engine
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
