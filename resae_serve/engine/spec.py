@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from resae_serve.interventions import EDIT_MODES, EditMode, FeatureEdit, InterventionError
+from resae_serve.interventions import FeatureEdit, InterventionError
 
 Phase = Literal["prompt", "generation", "all"]
 PHASES: tuple[str, ...] = get_args(Phase)
@@ -25,28 +25,16 @@ MAX_EDITS_PER_LAYER = 8
 
 
 @dataclass(frozen=True)
-class SteerEdit:
-    """One feature edit at one layer, limited to a phase (a per-request spec)."""
+class SteerEdit(FeatureEdit):
+    """A :class:`~resae_serve.interventions.FeatureEdit` limited to a phase (per-request spec)."""
 
-    layer: int
-    """Model block index; must be one of the dictionary's layers."""
-    feature: int
-    """Latent index ``0 .. d_sae - 1``."""
-    mode: EditMode = "add"
-    """add / clamp / scale / ablate (see :mod:`resae_serve.interventions`)."""
-    value: float = 0.0
-    """α for add, pinned value for clamp, factor for scale; ignored by ablate."""
     phase: Phase = "all"
     """Apply on prompt tokens, generated tokens, or both (by input position < prompt length)."""
 
     def __post_init__(self) -> None:
-        if self.mode not in EDIT_MODES:
-            raise InterventionError(f"mode={self.mode!r}; allowed: {', '.join(EDIT_MODES)}")
+        super().__post_init__()
         if self.phase not in PHASES:
             raise InterventionError(f"phase={self.phase!r}; allowed: {', '.join(PHASES)}")
-        if not math.isfinite(self.value):
-            raise InterventionError(f"value={self.value!r} for feature {self.feature} at layer "
-                                    f"{self.layer}; must be a finite number")
 
     def feature_edit(self) -> FeatureEdit:
         """The phase-free edit of :mod:`resae_serve.interventions` (the math oracle's input)."""
