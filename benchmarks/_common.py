@@ -29,7 +29,7 @@ def machine_description() -> str:
 
 def append_results(title: str, command: str, table: str, notes: str = "") -> None:
     """Append one dated section to benchmarks/RESULTS.md."""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     section = (f"\n## {title} — {stamp}\n\nMachine: {machine_description()}  \n"
                f"Command: `{command}`\n\n{table}\n" + (f"\n{notes}\n" if notes else ""))
     if not RESULTS.exists():

@@ -106,7 +106,7 @@ def export_resae(resae: ReSAE, out_dir: Path, config: ExportConfig | None = None
         _write_json(tmp / EXPORT_MANIFEST, {
             "format": "resae-export", "schema_version": EXPORT_SCHEMA_VERSION,
             "package_version": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "dynamo": True,
                          "opset": config.opset},
             "layout": layout.to_dict(), "fingerprint": fingerprint,

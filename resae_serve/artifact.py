@@ -112,7 +112,7 @@ def save_artifact(
             "schema_version": SCHEMA_VERSION,
             "format": "resae-dictionary",
             "package_version": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": model.__dict__,
             "hook": HOOK,
             "mode": resae.mode,

@@ -103,7 +103,7 @@ def run_evaluation(folders: list[Path], config: EvalConfig, *, model: str | None
     model_dir, dicts = load_dictionaries(folders, model=model, corpus=corpus)
     report: dict[str, Any] = {
         "format": "resae-eval-report", "package_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": dicts[0].manifest.model.name, "model_fingerprint":
         dicts[0].manifest.model.fingerprint, "corpus": dicts[0].data.corpus, "split": "heldout",
         "settings": asdict(config), "dictionaries": {},
