@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from resae_serve import __version__
 from resae_serve.errors import ResaeError
 
-SUBCOMMANDS = ("fetch", "capture", "train", "eval", "features", "export")
+SUBCOMMANDS = ("fetch", "capture", "train", "eval", "features", "export", "serve", "client")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import uuid
@@ -65,8 +66,11 @@ async def build_async_llm(model: str | os.PathLike[str], dictionary: str | os.Pa
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(model, dictionary,
-                                                                       **kwargs)))
+    args = AsyncEngineArgs(**engine_kwargs(model, dictionary, **kwargs))
+    # Built on a worker thread: start-up takes a minute or more (weights, torch.compile,
+    # warm-up) and the event loop keeps serving meanwhile (health checks answer NOT_SERVING).
+    # AsyncLLM starts its output tasks lazily, on this loop, at the first call.
+    engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
     layers = await engine.collective_rpc("resae_bind")
     logger.info("ReSAE hook bound at layers %s", layers[0])
     return engine

@@ -58,6 +58,8 @@ class TokenFeatures(NamedTuple):
     top_values: tuple[float, ...]
     watch: tuple[float, ...]
     """Values of :attr:`MonitorSpec.watch`, in that order."""
+    raw: tuple[float, ...] = ()
+    """The block output itself when :attr:`MonitorSpec.raw` is set."""
 
 
 class MonitorEvent(NamedTuple):
@@ -140,7 +142,7 @@ def _features(records: list[dict[str, Any]], delivered: dict[int, int]
         delivered[layer] = position
         ids, values = r.get("top_k", ((), ()))
         features.append(TokenFeatures(position, layer, tuple(ids), tuple(values),
-                                      tuple(r.get("watch", ()))))
+                                      tuple(r.get("watch", ())), tuple(r.get("raw", ()))))
         events += [MonitorEvent(position, layer, int(f), float(v), float(t))
                    for f, v, t in r.get("events", ())]
     return features, events

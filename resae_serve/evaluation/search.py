@@ -49,21 +49,25 @@ class SearchHit(NamedTuple):
     promoted: list[str]
 
 
-@torch.no_grad()
-def encode_text(resae: ReSAE, model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str,
-                *, outlier_norm_ratio: float | None = 10.0) -> TextCodes:
-    """Codes of every dictionary layer on ``text`` (BOS and attention-sink tokens dropped)."""
-    resae = inference_resae(resae)
+def text_token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """``text``'s token ids with BOS first (as in training); refuses a text without tokens."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise CatalogError(f"text={text!r} has no tokens; give some text to search for")
     bos = tokenizer.bos_token_id
-    input_ids = torch.tensor([([bos] if bos is not None else []) + ids])
-    device = next(model.parameters()).device
-    with LayerCapture(model, resae.layers) as capture:
-        outputs = capture.run(input_ids.to(device), torch.ones_like(input_ids).to(device))
-    start = 1 if bos is not None else 0
-    acts = [outputs[layer][0, start:].float() for layer in resae.layers]      # (T, d) each
+    return ([bos] if bos is not None else []) + ids
+
+
+@torch.no_grad()
+def codes_from_activations(resae: ReSAE, tokenizer: PreTrainedTokenizerBase,
+                           token_ids: list[int], acts: list[torch.Tensor], *,
+                           outlier_norm_ratio: float | None = 10.0) -> TextCodes:
+    """Codes of every dictionary layer from block outputs ``acts[i] (T, d)`` of ``token_ids``
+    (from :func:`text_token_ids`; the BOS position and attention-sink tokens are dropped)."""
+    resae = inference_resae(resae)
+    start = 1 if token_ids and token_ids[0] == tokenizer.bos_token_id else 0
+    ids = token_ids[start:]
+    acts = [h[start:].float() for h in acts]
     keep = torch.ones(len(ids), dtype=torch.bool, device=acts[0].device)
     if outlier_norm_ratio is not None and len(ids) > 2:
         for h in acts:
@@ -75,12 +79,33 @@ def encode_text(resae: ReSAE, model: nn.Module, tokenizer: PreTrainedTokenizerBa
                               for layer, step in zip(resae.layers, steps, strict=True)})
 
 
+@torch.no_grad()
+def encode_text(resae: ReSAE, model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str,
+                *, outlier_norm_ratio: float | None = 10.0) -> TextCodes:
+    """Codes of every dictionary layer on ``text``, run through a Hugging Face ``model``."""
+    token_ids = text_token_ids(tokenizer, text)
+    input_ids = torch.tensor([token_ids])
+    device = next(model.parameters()).device
+    with LayerCapture(model, resae.layers) as capture:
+        outputs = capture.run(input_ids.to(device), torch.ones_like(input_ids).to(device))
+    return codes_from_activations(resae, tokenizer, token_ids,
+                                  [outputs[layer][0] for layer in resae.layers],
+                                  outlier_norm_ratio=outlier_norm_ratio)
+
+
 def search_features(resae: ReSAE, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                     catalog: Catalog, text: str, *, top: int = 10, n_tokens: int = 3,
                     layers: tuple[int, ...] | None = None, prior_count: float = 10.0,
                     ) -> list[SearchHit]:
     """The ``top`` features with the highest lift on ``text`` (see module docstring)."""
-    encoded = encode_text(resae, model, tokenizer, text)
+    return rank_features(encode_text(resae, model, tokenizer, text), catalog, top=top,
+                         n_tokens=n_tokens, layers=layers, prior_count=prior_count)
+
+
+def rank_features(encoded: TextCodes, catalog: Catalog, *, top: int = 10, n_tokens: int = 3,
+                  layers: tuple[int, ...] | None = None, prior_count: float = 10.0
+                  ) -> list[SearchHit]:
+    """Score every feature of ``encoded`` by lift and keep the ``top`` (module docstring)."""
     candidates: list[tuple[float, int, int, float, float]] = []
     for layer, codes in encoded.codes.items():
         if layers is not None and layer not in layers:

@@ -1,0 +1,89 @@
+"""``resae serve``: the gRPC server over a vLLM engine with the ReSAE hook.
+
+Flags override the config file (``--config serve.toml``; same names, ``[limits]`` and
+``[engine]`` tables). The server refuses to start, with the reason, when the dictionary was
+trained on another model (fingerprint), or its layers or width do not fit the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from resae_serve.server.config import (
+    ServerConfig,
+    ServerConfigError,
+    config_from_mapping,
+    load_config_file,
+    with_overrides,
+)
+
+logger = logging.getLogger(__name__)
+
+HELP = "serve steering and monitoring over gRPC (vLLM engine + dictionary)"
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("serve", help=HELP, description=__doc__)
+    p.add_argument("dictionary", nargs="?", type=Path,
+                   help="dictionary folder (resae train output); or set it in --config")
+    p.add_argument("--config", type=Path, help="TOML or JSON file with the settings below")
+    p.add_argument("--model", help="embedded model name or local HF folder "
+                   "(default smollm2-135m)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 = all)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free)")
+    p.add_argument("--metrics-port", type=int,
+                   help="Prometheus /metrics port (default 9400; -1 = off)")
+    p.add_argument("--auth-token-file", type=Path,
+                   help="bearer tokens, one per line (also RESAE_AUTH_TOKENS with --auth)")
+    p.add_argument("--auth", action="store_true", default=None,
+                   help="require a bearer token (tokens from RESAE_AUTH_TOKENS and the file)")
+    p.add_argument("--tls-cert", dest="tls_cert_file", type=Path, help="server certificate PEM")
+    p.add_argument("--tls-key", dest="tls_key_file", type=Path, help="server private key PEM")
+    p.add_argument("--tls-client-ca", dest="tls_client_ca_file", type=Path,
+                   help="CA for client certificates (mutual TLS)")
+    p.add_argument("--grace", dest="grace_s", type=float,
+                   help="seconds to drain streams on SIGTERM (default 10)")
+    p.add_argument("--max-tokens", dest="limits_max_tokens", type=int)
+    p.add_argument("--max-prompt-tokens", dest="limits_max_prompt_tokens", type=int)
+    p.add_argument("--max-edits", dest="limits_max_edits", type=int)
+    p.add_argument("--max-watch", dest="limits_max_watch", type=int)
+    p.add_argument("--max-pending", dest="limits_max_pending", type=int,
+                   help="calls in flight before RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--max-num-seqs", dest="engine_max_num_seqs", type=int)
+    p.add_argument("--max-model-len", dest="engine_max_model_len", type=int)
+    p.add_argument("--max-configs", dest="engine_max_configs", type=int,
+                   help="distinct steering configs resident at once (default 32)")
+    p.add_argument("--enforce-eager", dest="engine_enforce_eager", action="store_true",
+                   default=None, help="no torch.compile (fallback; slower)")
+    p.add_argument("--kv-cache-gib", dest="engine_kv_cache_gib", type=float,
+                   help="CPU KV cache size in GiB")
+    p.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace) -> ServerConfig:
+    """The :class:`ServerConfig` of parsed arguments (file first, then flags)."""
+    data = load_config_file(args.config) if args.config else {}
+    if args.dictionary is not None:
+        data["dictionary"] = str(args.dictionary)
+    if "dictionary" not in data:
+        raise ServerConfigError("no dictionary: pass a dictionary folder (e.g. runs/demo-resae) "
+                                "or set 'dictionary' in --config")
+    config = config_from_mapping(data, str(args.config or "flags"))
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in {"dictionary", "config", "run", "command", "verbose", "quiet"}}
+    if overrides.pop("metrics_port", None) == -1:
+        config = replace(config, metrics_port=None)
+    elif args.metrics_port is not None:
+        overrides["metrics_port"] = args.metrics_port
+    return with_overrides(config, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resae_serve.server.app import serve
+
+    asyncio.run(serve(build_config(args)))
+    return 0

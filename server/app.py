@@ -1,0 +1,206 @@
+"""Build, start and stop the gRPC server; ``serve()`` runs it until SIGTERM/SIGINT.
+
+``create_server(config)`` checks the dictionary against the model, binds the port (0 picks a
+free one, so tests run side by side) and returns ``(server, port)`` without starting the
+engine; :meth:`ResaeServer.start` starts serving at once with health ``NOT_SERVING`` and loads
+the vLLM engine in the background (a minute or more); health turns ``SERVING`` when it is
+ready and back to ``NOT_SERVING`` if it dies (a watchdog polls it). :meth:`ResaeServer.stop`
+reports ``NOT_SERVING``, stops accepting calls, lets in-flight streams finish within
+``grace_s``, cancels the rest (their engine requests are aborted), then shuts the engine down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from resae_serve.artifact import Manifest
+from resae_serve.catalog import Catalog, CatalogError, load_catalog
+from resae_serve.engine.serving import ResaeEngine
+from resae_serve.models import resolve_model
+from resae_serve.server.auth import BearerAuthInterceptor, load_tokens
+from resae_serve.server.config import ServerConfig, check_dictionary
+from resae_serve.server.errors import ErrorInterceptor
+from resae_serve.server.metrics import ServerMetrics
+from resae_serve.server.service import ResaeService
+from resae_serve.server.tls import server_credentials
+from resae_serve.server.v1 import resae_pb2, resae_pb2_grpc
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = resae_pb2.DESCRIPTOR.services_by_name["ResaeService"].full_name
+EngineFactory = Callable[[ServerConfig], Awaitable[tuple[ResaeEngine, Any]]]
+WATCHDOG_S = 1.0
+
+
+async def build_engine(config: ServerConfig) -> tuple[ResaeEngine, Any]:
+    """An ``AsyncLLM`` with the ReSAE hook for ``config`` and its :class:`ResaeEngine`."""
+    from resae_serve.engine.llm import build_async_llm
+
+    e = config.engine
+    if e.kv_cache_gib is not None:
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.kv_cache_gib)
+    extra: dict[str, Any] = {}
+    if e.gpu_memory_utilization is not None:
+        extra["gpu_memory_utilization"] = e.gpu_memory_utilization
+    if e.tensor_parallel_size != 1:
+        extra["tensor_parallel_size"] = e.tensor_parallel_size
+    llm = await build_async_llm(config.model, config.dictionary, max_model_len=e.max_model_len,
+                                max_num_seqs=e.max_num_seqs, max_configs=e.max_configs,
+                                enforce_eager=e.enforce_eager, dtype=e.dtype, **extra)
+    return await ResaeEngine.connect(llm, e.max_configs), llm
+
+
+class ResaeServer:
+    """A bound gRPC server, its health service, metrics and engine lifecycle."""
+
+    def __init__(self, config: ServerConfig, server: grpc.aio.Server, port: int,
+                 service: ResaeService, health: HealthServicer, metrics: ServerMetrics,
+                 engine_factory: EngineFactory) -> None:
+        self.config, self.server, self.port = config, server, port
+        self.service, self.health, self.metrics = service, health, metrics
+        self.engine_factory = engine_factory
+        self.llm: Any = None
+        self.metrics_port: int | None = None
+        self.ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        self.metrics.engine_up.set(1 if serving else 0)
+
+    async def start(self) -> None:
+        """Serve now (NOT_SERVING) and load the engine in the background."""
+        await self._set_health(False)
+        await self.server.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.start_http(self.config.host,
+                                                        self.config.metrics_port)
+        logger.info("gRPC on %s:%d (%s), metrics on %s", self.config.host, self.port,
+                    "TLS" if self.config.tls else "plaintext",
+                    self.metrics_port if self.metrics_port is not None else "off")
+        self._tasks.append(asyncio.create_task(self._load_engine()))
+
+    async def _load_engine(self) -> None:
+        try:
+            engine, self.llm = await self.engine_factory(self.config)
+        except Exception as exc:
+            logger.exception("the engine failed to load")
+            self.service.fail(f"failed to load: {type(exc).__name__}")
+            await self._set_health(False)
+            self.ready.set()
+            return
+        self.service.attach(engine)
+        self.metrics.track_configs(lambda: engine.admission.resident)
+        await self._set_health(True)
+        self.ready.set()
+        logger.info("engine ready: serving %s with dictionary %s", self.config.model,
+                    self.config.dictionary)
+        self._tasks.append(asyncio.create_task(self._watchdog()))
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            if self.llm is not None and getattr(self.llm, "errored", False):
+                logger.error("the engine died; health is NOT_SERVING")
+                self.service.fail("engine died")
+                await self._set_health(False)
+                return
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait for the engine; True when serving, False when it failed to load."""
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        return self.service.engine is not None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain (``grace`` seconds, default ``config.grace_s``) and shut everything down."""
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.metrics.engine_up.set(0)
+        logger.info("shutting down: %d stream(s) in flight, grace %.1f s",
+                    self.service.active_streams, grace)
+        await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        if self.llm is not None and hasattr(self.llm, "shutdown"):
+            await asyncio.to_thread(self.llm.shutdown)
+        self.metrics.stop_http()
+        logger.info("stopped")
+
+
+def _tokenizer(model: str) -> tuple[Any, int]:
+    from transformers import AutoTokenizer
+
+    folder = resolve_model(model)
+    vocab = int(json.loads((folder / "config.json").read_text())["vocab_size"])
+    return AutoTokenizer.from_pretrained(folder), vocab
+
+
+def _catalog(folder: Path) -> Catalog | None:
+    try:
+        return load_catalog(folder)
+    except CatalogError as exc:
+        logger.warning("feature catalog unavailable (ListFeatures/GetFeature/SearchFeatures "
+                       "will answer FAILED_PRECONDITION): %s", exc)
+        return None
+
+
+async def create_server(config: ServerConfig, *, engine_factory: EngineFactory = build_engine,
+                        manifest: Manifest | None = None) -> tuple[ResaeServer, int]:
+    """A bound, not yet started server and its port (refuses a mismatched dictionary)."""
+    manifest = manifest or check_dictionary(config)
+    tokenizer, vocab = _tokenizer(config.model)
+    metrics = ServerMetrics()
+    # The error interceptor is outermost, so it also counts calls that auth turns away.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(metrics)]
+    if config.auth or config.auth_token_file is not None:
+        interceptors.append(BearerAuthInterceptor(load_tokens(config.auth_token_file)))
+    size = config.max_message_bytes
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 0)])
+    service = ResaeService(config, manifest, tokenizer, vocab, metrics,
+                           _catalog(Path(config.dictionary)))
+    resae_pb2_grpc.add_ResaeServiceServicer_to_server(service, server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = f"{config.host}:{config.port}"
+    if config.tls:
+        assert config.tls_cert_file is not None and config.tls_key_file is not None
+        port = server.add_secure_port(address, server_credentials(
+            config.tls_cert_file, config.tls_key_file, config.tls_client_ca_file))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}; is the port in use? choose another with "
+                      "--port")
+    return ResaeServer(config, server, port, service, health, metrics, engine_factory), port
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then drain within ``config.grace_s``."""
+    server, _ = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    logger.info("signal received")
+    await server.stop()

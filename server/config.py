@@ -1,0 +1,225 @@
+"""Server configuration: one frozen dataclass, read from flags and/or a TOML or JSON file.
+
+Every field has a default except the dictionary. A config file holds the same names as the
+dataclasses (``[limits]`` and ``[engine]`` tables for the nested ones); flags given on the
+command line win over the file. :func:`check_dictionary` is the start-up check that the
+dictionary was trained on the model being served.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from resae_serve.artifact import ArtifactError, Manifest, read_manifest
+from resae_serve.errors import ResaeError
+
+
+class ServerConfigError(ResaeError):
+    """The server cannot start with this configuration (message says what to change)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits (INVALID_ARGUMENT beyond them) and the queue bound."""
+
+    max_tokens: int = 512
+    """Largest ``max_tokens`` a request may ask for."""
+    default_max_tokens: int = 64
+    """``max_tokens`` when a request leaves it at 0."""
+    max_prompt_tokens: int = 1024
+    """Longest prompt, in tokens (after the chat template)."""
+    max_edits: int = 16
+    """Most interventions per request (the engine also caps 8 feature edits per layer)."""
+    max_watch: int = 64
+    """Most watched features per request."""
+    max_top_k: int = 32
+    """Largest monitor ``top_k``."""
+    max_thresholds: int = 64
+    """Most thresholds per request."""
+    max_search_chars: int = 4000
+    """Longest SearchFeatures text, in characters."""
+    max_pending: int = 64
+    """Generate/Inspect/Search calls admitted at once (running or waiting for the engine);
+    beyond it calls fail fast with RESOURCE_EXHAUSTED instead of queueing."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ServerConfigError(f"limits.{f.name}={value!r}; must be an integer >= 1")
+        if self.default_max_tokens > self.max_tokens:
+            raise ServerConfigError(f"limits.default_max_tokens={self.default_max_tokens} is "
+                                    f"above limits.max_tokens={self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """vLLM engine arguments the server exposes (see ``resae_serve.engine.llm.engine_kwargs``)."""
+
+    max_num_seqs: int = 16
+    """Requests decoded together."""
+    max_model_len: int = 2048
+    """Prompt plus generated tokens per request."""
+    max_configs: int = 32
+    """Distinct steering configs resident at once; more wait in admission."""
+    enforce_eager: bool = False
+    """Disable torch.compile / CUDA graphs (fallback; slower)."""
+    dtype: str = "float32"
+    kv_cache_gib: float | None = None
+    """CPU KV cache size (``VLLM_CPU_KVCACHE_SPACE``); None keeps vLLM's default."""
+    gpu_memory_utilization: float | None = None
+    """GPU share vLLM may use; None keeps vLLM's default."""
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``resae serve`` needs."""
+
+    dictionary: Path
+    """Dictionary folder (``resae train`` output; ``features.json`` enables the catalog RPCs)."""
+    model: str = "smollm2-135m"
+    """Embedded model name or local Hugging Face folder."""
+    host: str = "127.0.0.1"
+    """Address to bind (``0.0.0.0`` for every interface)."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one."""
+    metrics_port: int | None = 9400
+    """Prometheus ``/metrics`` HTTP port; None disables it, 0 picks a free one."""
+    limits: Limits = field(default_factory=Limits)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    auth_token_file: Path | None = None
+    """Bearer tokens, one per line; with ``auth`` also ``RESAE_AUTH_TOKENS`` (comma-separated)."""
+    auth: bool = False
+    """Require a bearer token on every RPC but health."""
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    """With a CA file, clients must present a certificate it signed (mutual TLS)."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest gRPC message either way."""
+    grace_s: float = 10.0
+    """Seconds in-flight streams get to finish on SIGTERM/SIGINT before they are cancelled."""
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ServerConfigError(f"{name}={value}; allowed 0..65535")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ServerConfigError("tls_cert_file and tls_key_file go together; give both "
+                                    "(or neither for plaintext)")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ServerConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if self.max_message_bytes < 1024:
+            raise ServerConfigError(f"max_message_bytes={self.max_message_bytes}; at least 1024")
+        if self.grace_s < 0:
+            raise ServerConfigError(f"grace_s={self.grace_s}; must be >= 0")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+_PATHS = {"dictionary", "auth_token_file", "tls_cert_file", "tls_key_file",
+          "tls_client_ca_file"}
+
+
+def _nested(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ServerConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**data)
+
+
+def config_from_mapping(data: dict[str, Any], where: str = "config") -> ServerConfig:
+    """A :class:`ServerConfig` from plain data (a parsed file), with errors naming the field."""
+    data = dict(data)
+    known = {f.name for f in fields(ServerConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ServerConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    if "dictionary" not in data:
+        raise ServerConfigError(f"{where}: field 'dictionary' is required (a dictionary folder)")
+    for name in _PATHS & set(data):
+        if data[name] is not None:
+            data[name] = Path(data[name])
+    if "limits" in data:
+        data["limits"] = _nested(Limits, data["limits"], f"{where} [limits]")
+    if "engine" in data:
+        data["engine"] = _nested(EngineSettings, data["engine"], f"{where} [engine]")
+    try:
+        return ServerConfig(**data)
+    except TypeError as exc:
+        raise ServerConfigError(f"{where}: {exc}") from exc
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Parse a ``.toml`` or ``.json`` config file into plain data."""
+    if not path.is_file():
+        raise ServerConfigError(f"config file {path} not found")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(path.read_text())
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ServerConfigError(f"{path}: expected a JSON object at the top level")
+            return data
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ServerConfigError(f"{path} is not valid {path.suffix[1:].upper()}: {exc}") from exc
+    raise ServerConfigError(f"config file {path}: suffix {path.suffix!r}; use .toml or .json")
+
+
+def with_overrides(config: ServerConfig, **overrides: Any) -> ServerConfig:
+    """``config`` with the non-None ``overrides`` (``limits_<name>`` / ``engine_<name>`` for
+    the nested tables), as flags override a file."""
+    top: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name.startswith("limits_"):
+            limits[name.removeprefix("limits_")] = value
+        elif name.startswith("engine_"):
+            engine[name.removeprefix("engine_")] = value
+        else:
+            top[name] = value
+    return replace(config, **top, limits=replace(config.limits, **limits),
+                   engine=replace(config.engine, **engine))
+
+
+def check_dictionary(config: ServerConfig) -> Manifest:
+    """Refuse a dictionary that was not trained on ``config.model`` (fingerprint, layers,
+    width), before anything heavy starts. Returns the dictionary's manifest."""
+    from resae_serve.fingerprint import model_fingerprint
+    from resae_serve.models import resolve_model
+
+    try:
+        manifest = read_manifest(Path(config.dictionary))
+    except ArtifactError as exc:
+        raise ServerConfigError(f"dictionary={config.dictionary}: {exc}") from exc
+    folder = resolve_model(config.model)
+    model_config = json.loads((folder / "config.json").read_text())
+    n_layers = int(model_config.get("num_hidden_layers", 0))
+    d_model = int(model_config.get("hidden_size", 0))
+    fingerprint = model_fingerprint(folder)
+    where = f"dictionary={config.dictionary} (trained on {manifest.model.name!r})"
+    if manifest.model.fingerprint != fingerprint:
+        raise ServerConfigError(
+            f"{where} does not match model={config.model!r}: fingerprint "
+            f"{manifest.model.fingerprint} != {fingerprint}. Serve the model it was trained on, "
+            "or train a dictionary for this model with `resae train`")
+    if manifest.d_model != d_model:
+        raise ServerConfigError(f"{where}: d_model={manifest.d_model} but the model's hidden "
+                                f"size is {d_model}")
+    if manifest.layers[-1] >= n_layers:
+        raise ServerConfigError(f"{where}: layers {list(manifest.layers)} but the model has "
+                                f"{n_layers} blocks (0..{n_layers - 1})")
+    return manifest

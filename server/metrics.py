@@ -1,0 +1,156 @@
+"""Prometheus metrics of one gRPC server instance.
+
+Every :class:`ServerMetrics` owns its own ``CollectorRegistry``, so several servers (tests
+start many in one process) never clash over metric names, and ``/metrics`` of one server shows
+only its own series. The token rate is computed when scraped, over a sliding window of
+token timestamps, so it falls to zero when generation stops rather than freezing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+from resae_serve.errors import ResaeError
+
+logger = logging.getLogger(__name__)
+
+MONITOR_LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+TIME_TO_FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class MetricsConfigError(ResaeError):
+    """The metrics HTTP endpoint cannot be started as configured."""
+
+
+class ServerMetrics:
+    """Counters, gauges and histograms of one server, in a registry of their own.
+
+    ``tokens_per_second`` = tokens added during the last ``window_s`` seconds / ``window_s``.
+    """
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        if window_s <= 0:
+            raise ValueError(f"window_s={window_s}: must be > 0 seconds")
+        self.window_s = window_s
+        self.registry = CollectorRegistry()
+        self._token_times: deque[tuple[float, int]] = deque()  # (monotonic time, n tokens)
+        self._lock = threading.Lock()  # add_tokens runs on the event loop, scrapes on HTTP
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
+
+        self.requests = Counter(
+            "resae_requests", "Finished RPCs by method and status code.",
+            labelnames=("rpc", "code"), registry=self.registry)
+        self.generated_tokens = Counter(
+            "resae_generated_tokens", "Tokens generated over all requests.",
+            registry=self.registry)
+        self.tokens_per_second = Gauge(
+            "resae_generated_tokens_per_second",
+            f"Tokens generated per second over the last {window_s:g} s.",
+            registry=self.registry)
+        self.tokens_per_second.set_function(self._token_rate)
+        self.active_streams = Gauge(
+            "resae_active_streams", "Streaming RPCs in progress.", registry=self.registry)
+        self.steering_configs = Gauge(
+            "resae_steering_configs_in_use", "Distinct steering configs resident in the engine.",
+            registry=self.registry)
+        self.monitor_lag = Histogram(
+            "resae_monitor_lag_tokens",
+            "Generated tokens by which a request's delivered features trail its generated "
+            "tokens, observed per chunk.",
+            buckets=MONITOR_LAG_BUCKETS, registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "resae_time_to_first_token_seconds",
+            "Seconds from receiving a generation request to sending its first token.",
+            buckets=TIME_TO_FIRST_TOKEN_BUCKETS, registry=self.registry)
+        self.engine_up = Gauge(
+            "resae_engine_up", "1 while the engine is ready to serve, else 0.",
+            registry=self.registry)
+
+    def record_request(self, rpc: str, code: grpc.StatusCode) -> None:
+        """Count one finished call of ``rpc`` (e.g. ``"Generate"``) ending with ``code``."""
+        self.requests.labels(rpc=rpc, code=code.name).inc()
+
+    def add_tokens(self, n: int) -> None:
+        """Count ``n`` newly generated tokens (total and sliding-window rate)."""
+        if n < 0:
+            raise ValueError(f"n={n}: a token count cannot be negative")
+        if n == 0:
+            return
+        self.generated_tokens.inc(n)
+        now = time.monotonic()
+        with self._lock:
+            self._token_times.append((now, n))
+            self._prune(now)
+
+    def track_configs(self, fn: Callable[[], int]) -> None:
+        """Report ``fn()`` (steering configs in use) as ``resae_steering_configs_in_use``."""
+        self.steering_configs.set_function(fn)
+
+    @contextmanager
+    def stream(self) -> Iterator[None]:
+        """Count a streaming call as active for the duration of the ``with`` block."""
+        self.active_streams.inc()
+        try:
+            yield
+        finally:
+            self.active_streams.dec()
+
+    def _prune(self, now: float) -> None:
+        """Drop token timestamps older than the window; call with the lock held."""
+        cutoff = now - self.window_s
+        while self._token_times and self._token_times[0][0] < cutoff:
+            self._token_times.popleft()
+
+    def _token_rate(self) -> float:
+        with self._lock:
+            self._prune(time.monotonic())
+            return sum(n for _, n in self._token_times) / self.window_s
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` of this registry on ``host:port`` (0 = any free port).
+
+        Returns the bound port. Runs on a daemon thread until :meth:`stop_http`.
+        """
+        if self._http is not None:
+            raise RuntimeError(
+                f"metrics HTTP server already running on port {self._http[0].server_port}")
+        try:
+            server, thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsConfigError(
+                f"metrics_port={port}: cannot listen on {host}:{port} ({exc.strerror or exc}); "
+                "choose a free port, or 0 for any") from exc
+        self._http = (server, thread)
+        bound = int(server.server_port)
+        logger.info("serving Prometheus metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop_http(self) -> None:
+        """Stop the ``/metrics`` server if it runs; safe to call twice."""
+        if self._http is None:
+            return
+        server, thread = self._http
+        self._http = None
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

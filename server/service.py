@@ -1,0 +1,318 @@
+"""The ``resae.v1.ResaeService`` servicer: validate → convert → delegate → convert back.
+
+Thin on purpose: requests become engine specs in :mod:`~resae_serve.server.convert`, the
+engine (:class:`~resae_serve.engine.serving.ResaeEngine`) does the work, and errors are left to
+:class:`~resae_serve.server.errors.ErrorInterceptor`. Calls made while the engine loads, or
+after it failed, end ``UNAVAILABLE``; past ``limits.max_pending`` admitted calls they end
+``RESOURCE_EXHAUSTED`` at once (fail fast, never queue unboundedly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import torch
+
+from resae_serve.artifact import Manifest
+from resae_serve.catalog import Catalog, FeatureInfo
+from resae_serve.engine.serving import GenerationChunk, ResaeEngine, TokenFeatures
+from resae_serve.engine.spec import MonitorSpec
+from resae_serve.evaluation.search import codes_from_activations, rank_features, text_token_ids
+from resae_serve.resae import ReSAE
+from resae_serve.server import convert
+from resae_serve.server.config import ServerConfig
+from resae_serve.server.convert import RequestError
+from resae_serve.server.errors import ServiceError
+from resae_serve.server.metrics import ServerMetrics
+from resae_serve.server.v1 import resae_pb2 as pb
+from resae_serve.server.v1 import resae_pb2_grpc
+
+logger = logging.getLogger(__name__)
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
+DEFAULT_HITS, MAX_HITS = 10, 100
+
+
+def feature_message(info: FeatureInfo, *, full: bool) -> pb.Feature:
+    """A catalog entry as a ``Feature`` (``full`` adds contexts and suppressed tokens)."""
+    message = pb.Feature(layer=info.layer, feature=info.feature, label=info.label or "",
+                         density=info.density, mean_activation=info.mean_activation,
+                         max_activation=info.max_activation, promoted=info.promoted)
+    if full:
+        message.suppressed.extend(info.suppressed)
+        message.contexts.extend(pb.FeatureContext(activation=c["activation"], text=c["text"])
+                                for c in info.contexts)
+    return message
+
+
+class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
+    """Serves one model + dictionary; the engine is attached once it has loaded."""
+
+    def __init__(self, config: ServerConfig, manifest: Manifest, tokenizer: Any,
+                 vocab_size: int, metrics: ServerMetrics, catalog: Catalog | None) -> None:
+        self.config, self.limits, self.manifest = config, config.limits, manifest
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.metrics, self.catalog = metrics, catalog
+        self.engine: ResaeEngine | None = None
+        self.failure: str | None = None
+        self.pending = 0
+        self.active_streams = 0
+        self._resae: ReSAE | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def attach(self, engine: ResaeEngine) -> None:
+        self.engine, self.failure = engine, None
+
+    def fail(self, reason: str) -> None:
+        """Mark the engine unusable: every later call ends UNAVAILABLE with ``reason``."""
+        self.engine, self.failure = None, reason
+
+    def _engine(self) -> ResaeEngine:
+        if self.engine is not None:
+            return self.engine
+        if self.failure is not None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"the engine is down ({self.failure})"
+                               "; this server is NOT_SERVING, retry on another replica")
+        raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the engine is still loading; retry "
+                           "when grpc.health.v1 reports SERVING")
+
+    @contextmanager
+    def _admit(self) -> Iterator[None]:
+        if self.pending >= self.limits.max_pending:
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self.pending} requests in flight, the limit is "
+                               f"{self.limits.max_pending} (max_pending); retry with backoff")
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+    def _catalog(self) -> Catalog:
+        if self.catalog is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "this dictionary has no feature catalog; the operator builds it "
+                               "with `resae features DICTIONARY --build`")
+        return self.catalog
+
+    def _prompt(self, message: pb.Input, max_new: int = 0) -> list[int]:
+        ids = convert.input_token_ids(message, self.tokenizer, self.vocab_size, "input",
+                                      self.limits.max_prompt_tokens)
+        limit = self.config.engine.max_model_len
+        if len(ids) + max_new > limit:
+            raise RequestError(f"input has {len(ids)} tokens and sampling.max_tokens is "
+                               f"{max_new}: together above the model length {limit}; "
+                               "shorten the prompt or ask for fewer tokens")
+        return ids
+
+    async def _run(self, ids: list[int], sampling: Any, interventions: list[Any],
+                   monitor: MonitorSpec | None) -> AsyncGenerator[GenerationChunk, None]:
+        engine = self._engine()
+        engine.spec(interventions, monitor)          # INVALID_ARGUMENT before any output
+        request_id = f"resae-{uuid.uuid4().hex[:16]}"
+        async for chunk in engine.generate(ids, sampling, interventions=interventions,
+                                           monitor=monitor, request_id=request_id):
+            yield chunk
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        received = time.perf_counter()
+        self._engine()
+        with self._admit():
+            sampling = convert.sampling_params(request.sampling, self.limits)
+            ids = self._prompt(request.input, sampling.max_tokens)
+            interventions = convert.interventions(request.interventions, self.limits)
+            monitor = (convert.monitor_spec(request.monitor, self.limits)
+                       if request.HasField("monitor") else None)
+            stream = self._run(ids, sampling, interventions, monitor)
+            first = await anext(stream)            # validation errors surface here
+            request_id = first.request_id
+            yield pb.GenerateResponse(prompt=pb.PromptTokens(
+                request_id=request_id, tokens=convert.token_messages(ids, 0, self.tokenizer)))
+            self.active_streams += 1
+            self.metrics.active_streams.inc()
+            n_out, first_token_at, last_token_at, text = 0, None, received, []
+            finish_reason = ""
+            delivered = {layer: -1 for layer in (monitor.layers if monitor else ())}
+            try:
+                chunk: GenerationChunk | None = first
+                while chunk is not None:
+                    now = time.perf_counter()
+                    if chunk.token_ids:
+                        if first_token_at is None:
+                            first_token_at = now
+                            self.metrics.time_to_first_token.observe(now - received)
+                        last_token_at = now
+                        self.metrics.add_tokens(len(chunk.token_ids))
+                    message = convert.chunk_message(chunk, len(ids) + n_out, self.tokenizer)
+                    n_out += len(chunk.token_ids)
+                    text.append(chunk.text)
+                    if delivered:
+                        for f in chunk.features:
+                            delivered[f.layer] = max(delivered[f.layer], f.position)
+                        fed = len(ids) + n_out - 1        # positions whose pass has run
+                        self.metrics.monitor_lag.observe(max(0, fed - 1 - min(delivered.values())))
+                    if chunk.finished:
+                        finish_reason = chunk.finish_reason or ""
+                    yield pb.GenerateResponse(chunk=message)
+                    chunk = None if chunk.finished else await anext(stream, None)
+            finally:
+                self.active_streams -= 1
+                self.metrics.active_streams.dec()
+                await stream.aclose()
+            first_token_at = first_token_at or last_token_at
+            decode = last_token_at - first_token_at
+            yield pb.GenerateResponse(summary=pb.GenerateSummary(
+                finish_reason=finish_reason,
+                prompt_tokens=len(ids), completion_tokens=n_out,
+                time_to_first_token_s=first_token_at - received,
+                total_time_s=last_token_at - received,
+                decode_tokens_per_s=(n_out - 1) / decode if n_out > 1 and decode > 0 else 0.0,
+                text="".join(text)))
+
+    async def Inspect(self, request: pb.InspectRequest,
+                      context: grpc.aio.ServicerContext) -> pb.InspectResponse:
+        self._engine()
+        with self._admit():
+            ids = self._prompt(request.input, 1)
+            monitor = convert.monitor_spec(request.monitor, self.limits, require_layers=True)
+            interventions = convert.interventions(request.interventions, self.limits,
+                                                  phase="all")
+            features, events = await self._prompt_features(ids, interventions, monitor)
+            return pb.InspectResponse(tokens=convert.token_messages(ids, 0, self.tokenizer),
+                                      features=convert.feature_messages(features),
+                                      events=convert.event_messages(events))
+
+    async def _prompt_features(self, ids: list[int], interventions: list[Any],
+                               monitor: MonitorSpec) -> tuple[list[TokenFeatures], list[Any]]:
+        from vllm import SamplingParams
+
+        features: list[TokenFeatures] = []
+        events: list[Any] = []
+        async for chunk in self._run(ids, SamplingParams(max_tokens=1, temperature=0.0),
+                                     interventions, monitor):
+            features += [f for f in chunk.features if f.position < len(ids)]
+            events += [e for e in chunk.events if e.position < len(ids)]
+        return features, events
+
+    async def GetDictionary(self, request: pb.GetDictionaryRequest,
+                            context: grpc.aio.ServicerContext) -> pb.GetDictionaryResponse:
+        m, lim = self.manifest, self.limits
+        catalog_layers = set(self.catalog.layers) if self.catalog else set()
+        return pb.GetDictionaryResponse(
+            model=m.model.name, model_fingerprint=m.model.fingerprint, d_model=m.d_model,
+            mode=m.mode, schema_version=m.schema_version, backend="torch",
+            layers=[pb.DictionaryLayer(layer=layer, d_sae=c.d_sae, architecture=c.architecture,
+                                       k=c.k or 0, scale=s, has_catalog=layer in catalog_layers)
+                    for layer, c, s in zip(m.layers, m.sae_configs, m.scales, strict=True)],
+            limits=pb.RequestLimits(max_tokens=lim.max_tokens,
+                                    max_prompt_tokens=lim.max_prompt_tokens,
+                                    max_edits=lim.max_edits, max_watch=lim.max_watch,
+                                    max_top_k=lim.max_top_k))
+
+    async def ListFeatures(self, request: pb.ListFeaturesRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListFeaturesResponse:
+        catalog = self._catalog()
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise RequestError(f"page_size={request.page_size}; allowed 0..{MAX_PAGE_SIZE} "
+                               f"(0 = {DEFAULT_PAGE_SIZE})")
+        n = catalog.n_features(request.layer)                  # validates the layer
+        ids = [i for i in range(n) if not request.labeled_only
+               or catalog.feature(request.layer, i).label]
+        start = _page_offset(request)
+        page = ids[start:start + size]
+        more = start + size < len(ids)
+        return pb.ListFeaturesResponse(
+            features=[feature_message(catalog.feature(request.layer, i), full=False)
+                      for i in page],
+            next_page_token=_page_token(request, start + size) if more else "",
+            total_size=len(ids))
+
+    async def GetFeature(self, request: pb.GetFeatureRequest,
+                         context: grpc.aio.ServicerContext) -> pb.GetFeatureResponse:
+        info = self._catalog().feature(request.layer, request.feature)
+        return pb.GetFeatureResponse(feature=feature_message(info, full=True))
+
+    async def SearchFeatures(self, request: pb.SearchFeaturesRequest,
+                             context: grpc.aio.ServicerContext) -> pb.SearchFeaturesResponse:
+        catalog = self._catalog()
+        if not request.text.strip():
+            raise RequestError("text is empty; give some text to search for")
+        if len(request.text) > self.limits.max_search_chars:
+            raise RequestError(f"text has {len(request.text)} characters; at most "
+                               f"{self.limits.max_search_chars} (max_search_chars)")
+        top = request.top or DEFAULT_HITS
+        if not 1 <= top <= MAX_HITS:
+            raise RequestError(f"top={request.top}; allowed 0..{MAX_HITS} (0 = {DEFAULT_HITS})")
+        layers = tuple(request.layers) or None
+        for layer in layers or ():
+            if layer not in catalog.layers:
+                raise RequestError(f"layers: layer={layer} is not in the catalog; its layers "
+                                   f"are {list(catalog.layers)}")
+        self._engine()
+        with self._admit():
+            ids = text_token_ids(self.tokenizer, request.text)
+            self._prompt(pb.Input(token_ids=pb.TokenIds(ids=ids)), 1)
+            monitor = MonitorSpec(layers=self.manifest.layers, raw=True)
+            features, _ = await self._prompt_features(ids, [], monitor)
+            hits = await asyncio.to_thread(self._rank, ids, features, catalog, top, layers)
+        return pb.SearchFeaturesResponse(hits=[
+            pb.SearchHit(feature=feature_message(catalog.feature(h.layer, h.feature),
+                                                 full=False),
+                         score=h.score, mean_on_text=h.mean_on_text,
+                         fires_on=[pb.FeatureValueOnToken(token=t, value=v)
+                                   for t, v in h.fires_on])
+            for h in hits])
+
+    def _rank(self, ids: list[int], features: list[TokenFeatures], catalog: Catalog, top: int,
+              layers: tuple[int, ...] | None) -> list[Any]:
+        if self._resae is None:
+            from resae_serve.artifact import load_artifact
+
+            self._resae = load_artifact(self.config.dictionary)[0].eval()
+        by_layer: dict[int, list[tuple[int, tuple[float, ...]]]] = {}
+        for f in features:
+            by_layer.setdefault(f.layer, []).append((f.position, f.raw))
+        acts = []
+        for layer in self.manifest.layers:
+            rows = sorted(by_layer.get(layer, ()))
+            if len(rows) != len(ids):
+                raise RuntimeError(f"engine returned {len(rows)} activations of layer {layer} "
+                                   f"for {len(ids)} tokens")
+            acts.append(torch.tensor([r for _, r in rows], dtype=torch.float32))
+        encoded = codes_from_activations(self._resae, self.tokenizer, ids, acts)
+        return rank_features(encoded, catalog, top=top, layers=layers)
+
+
+def _page_token(request: pb.ListFeaturesRequest, offset: int) -> str:
+    blob = json.dumps({"layer": request.layer, "labeled": request.labeled_only,
+                       "offset": offset}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(blob.encode()).decode()
+
+
+def _page_offset(request: pb.ListFeaturesRequest) -> int:
+    if not request.page_token:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
+        offset = int(data["offset"])
+        same = data["layer"] == request.layer and data["labeled"] == request.labeled_only
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RequestError("page_token is not one this server issued; pass the "
+                           "next_page_token of the previous response, or '' to start") from exc
+    if not same or offset < 0:
+        raise RequestError("page_token belongs to a different layer or filter; start again "
+                           "with page_token=''")
+    return offset
