@@ -29,15 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from benchmarks._common import append_results, machine_description
+from resae_serve.artifact import load_artifact
 from resae_serve.export.backend_torch import TorchRuntime
 from resae_serve.export.convert import export_resae
 from resae_serve.export.errors import require
 from resae_serve.export.probes import probe_activations
 from resae_serve.export.runtime import RuntimeConfig, open_runtime
 from resae_serve.export.spec import ExportConfig
-
-from benchmarks._common import append_results, machine_description
-from resae_serve.artifact import load_artifact
 from resae_serve.resae import ReSAE
 
 logger = logging.getLogger("benchmarks.runtime")

@@ -135,8 +135,10 @@ class ResaeServer:
         await self.server.stop(grace)
         for task in self._tasks:
             task.cancel()
+        self.service.fail("the server stopped")
         if self.llm is not None and hasattr(self.llm, "shutdown"):
             await asyncio.to_thread(self.llm.shutdown)
+        self.llm = None          # collected now, not in AsyncLLM.__del__ at interpreter exit
         self.metrics.stop_http()
         logger.info("stopped")
 

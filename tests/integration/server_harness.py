@@ -103,6 +103,7 @@ class ServerLoop:
                 self.stop(server)
         for server in list(self.servers):                 # the engine owner last
             self.stop(server)
+        self.engine = self.llm = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
 

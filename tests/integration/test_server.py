@@ -315,9 +315,9 @@ def _invalid_cases() -> list[tuple[str, Callable[[ResaeServiceStub], Any], str]]
 def test_invalid_requests_name_the_field(server: Any, case: str,
                                          call: Callable[[ResaeServiceStub], Any],
                                          message: str) -> None:
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            call(ResaeServiceStub(channel))
+    with (grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+          pytest.raises(grpc.RpcError) as info):
+        call(ResaeServiceStub(channel))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert message in info.value.details()
     assert "Traceback" not in info.value.details()
@@ -338,9 +338,9 @@ def test_cancellation_aborts_the_engine_request(server: Any, client: ResaeClient
 
 
 def test_deadline_exceeded_aborts_the_engine_request(server: Any) -> None:
-    with ResaeClient(f"127.0.0.1:{server.port}", timeout=0.5) as short:
-        with pytest.raises(grpc.RpcError) as info:
-            short.complete(PROMPT, max_tokens=64, temperature=0.0)
+    with (ResaeClient(f"127.0.0.1:{server.port}", timeout=0.5) as short,
+          pytest.raises(grpc.RpcError) as info):
+        short.complete(PROMPT, max_tokens=64, temperature=0.0)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_idle(server)
 
@@ -352,8 +352,8 @@ def test_metrics_are_exposed(server: Any, client: ResaeClient) -> None:
         client.get_feature(6, 999)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
                                   timeout=10).read().decode()
-    assert 'resae_requests_total{rpc="GetDictionary",code="OK"}' in body
-    assert 'resae_requests_total{rpc="GetFeature",code="INVALID_ARGUMENT"}' in body
+    assert 'resae_requests_total{code="OK",rpc="GetDictionary"}' in body
+    assert 'resae_requests_total{code="INVALID_ARGUMENT",rpc="GetFeature"}' in body
     assert "resae_generated_tokens_total" in body and "resae_active_streams 0.0" in body
     assert "resae_steering_configs_in_use" in body and "resae_monitor_lag_tokens_bucket" in body
     assert "resae_engine_up 1.0" in body
@@ -395,9 +395,9 @@ def test_health_follows_the_engine(loop: ServerLoop, dictionary: Path) -> None:
     try:
         assert not loop.run(broken.wait_ready(60))
         assert _health(broken.port) == health_pb2.HealthCheckResponse.NOT_SERVING
-        with ResaeClient(f"127.0.0.1:{broken.port}", timeout=30) as c:
-            with pytest.raises(grpc.RpcError) as info:
-                c.complete(PROMPT, max_tokens=2)
+        with (ResaeClient(f"127.0.0.1:{broken.port}", timeout=30) as c,
+              pytest.raises(grpc.RpcError) as info):
+            c.complete(PROMPT, max_tokens=2)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "failed to load" in info.value.details()
     finally:

@@ -20,16 +20,16 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+
+from resae_serve import __version__
+from resae_serve.artifact import load_artifact, save_artifact
+from resae_serve.capture import ActivationBatch
 from resae_serve.export.convert import export_artifact
 from resae_serve.export.errors import ExportError, MissingDependencyError, ParityError
 from resae_serve.export.folder import read_export_manifest
 from resae_serve.export.probes import captured_activations
 from resae_serve.export.spec import EXPORT_MANIFEST, ExportConfig, Tolerance, graph_spec
 from resae_serve.export.validate import validate_export
-
-from resae_serve import __version__
-from resae_serve.artifact import load_artifact, save_artifact
-from resae_serve.capture import ActivationBatch
 from resae_serve.shards import write_shards
 from tests.unit.resae_fixtures import D_MODEL, IDENTITY, LAYERS, K, tiny_acts, tiny_resae
 

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from resae_serve.export.spec import EXPORT_MANIFEST
 
 from resae_serve.artifact import save_artifact
 from resae_serve.cli import main
+from resae_serve.export.spec import EXPORT_MANIFEST
 from tests.unit.resae_fixtures import IDENTITY, tiny_resae
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from resae_serve.artifact import load_artifact, save_artifact
 from resae_serve.export.backend_onnxruntime import OnnxRuntime
 from resae_serve.export.backend_torch import TorchRuntime
 from resae_serve.export.convert import export_artifact
@@ -13,8 +15,6 @@ from resae_serve.export.errors import ExportError, MissingDependencyError
 from resae_serve.export.folder import read_export_manifest
 from resae_serve.export.runtime import FeatureRuntime, RuntimeConfig, open_runtime
 from resae_serve.export.spec import ExportConfig
-
-from resae_serve.artifact import load_artifact, save_artifact
 from resae_serve.interventions import EditTable, InterventionError
 from resae_serve.resae import ReSAE
 from resae_serve.saes import SparseCodes
