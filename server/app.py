@@ -12,6 +12,7 @@ reports ``NOT_SERVING``, stops accepting calls, lets in-flight streams finish wi
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -138,7 +139,10 @@ class ResaeServer:
         self.service.fail("the server stopped")
         if self.llm is not None and hasattr(self.llm, "shutdown"):
             await asyncio.to_thread(self.llm.shutdown)
-        self.llm = None          # collected now, not in AsyncLLM.__del__ at interpreter exit
+        # Drop every reference and collect now: AsyncLLM.__del__ at interpreter exit fails.
+        self.llm = None
+        self.metrics.track_configs(lambda: 0)
+        gc.collect()
         self.metrics.stop_http()
         logger.info("stopped")
 

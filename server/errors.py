@@ -119,14 +119,57 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method.removeprefix(SERVICE_PREFIX)
+        deserialize = _lenient(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(rpc, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._unary(rpc, _checked(handler.unary_unary, rpc)),
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(rpc, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                self._stream(rpc, _checked_stream(handler.unary_stream, rpc)),
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer)
         return handler
+
+
+class _Undecodable:
+    """What the lenient deserializer returns for bytes that are not the request message."""
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Malformed bytes become :class:`_Undecodable` (then INVALID_ARGUMENT), not grpc's
+    INTERNAL "Exception deserializing request"."""
+    if deserializer is None:
+        return None
+    parse = deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # protobuf raises DecodeError, and others on nonsense
+            return _Undecodable()
+    return deserialize
+
+
+def _reject(request: Any, rpc: str) -> None:
+    if isinstance(request, _Undecodable):
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the request is not a valid resae.v1.{rpc}Request message")
+
+
+def _checked(behaviour: Callable[[Any, Any], Awaitable[Any]], rpc: str
+             ) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def handle(request: Any, context: Any) -> Any:
+        _reject(request, rpc)
+        return await behaviour(request, context)
+    return handle
+
+
+def _checked_stream(behaviour: Callable[[Any, Any], AsyncIterator[Any]], rpc: str
+                    ) -> Callable[[Any, Any], AsyncIterator[Any]]:
+    async def handle(request: Any, context: Any) -> AsyncIterator[Any]:
+        _reject(request, rpc)
+        async for item in behaviour(request, context):
+            yield item
+    return handle

