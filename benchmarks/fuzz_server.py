@@ -110,75 +110,95 @@ def _check_server(server: Any, channel: Any, tally: Tally) -> None:
         logger.warning("not idle after %d cases: %s", tally.cases, exc)
 
 
-def schedule(seed: int, raw_share: int) -> list[tuple[str, bool]]:
-    """One round of ``(rpc, raw bytes?)`` in :data:`RPC_WEIGHTS` proportions, shuffled: case
-    ``i`` takes entry ``i % len`` (exact proportions, every RPC early in the run)."""
+def quotas(n_cases: int, raw_share: int) -> dict[tuple[str, bool], int]:
+    """Cases per ``(rpc, raw bytes?)``: :data:`RPC_WEIGHTS` proportions, typed requests 4 to
+    raw ``raw_share`` (largest remainders, so they sum to ``n_cases``)."""
     from tests.integration.fuzz_strategies import RPC_WEIGHTS
 
-    rounds = [(rpc, raw) for rpc, w in RPC_WEIGHTS.items()
-              for raw, n in ((False, 4 * w), (True, raw_share * w)) for _ in range(n)]
-    random.Random(seed).shuffle(rounds)
-    return rounds
+    weights = {(rpc, raw): w * (raw_share if raw else 4)
+               for rpc, w in RPC_WEIGHTS.items() for raw in (False, True)}
+    total = sum(weights.values())
+    exact = {k: n_cases * w / total for k, w in weights.items()}
+    out = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: out[k] - exact[k])[:n_cases - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def send_case(server: Any, channel: Any, tally: Tally, rpc: str, payload: Any,
+              hang_s: float) -> None:
+    """Send one case, judge it against the oracle and count it."""
+    import grpc
+
+    from tests.integration.fuzz_strategies import default_oracle, problems, send
+
+    raw = isinstance(payload, bytes)
+    oracle = default_oracle()
+    verdict = oracle.verdict_for_bytes(rpc, payload) if raw else oracle.verdict(payload)
+    outcome = send(channel, rpc, payload, hang_s)
+    tally.cases += 1
+    tally.by_rpc[rpc][outcome.code.name] += 1
+    tally.expected[verdict.code.name] += 1
+    tally.raw[rpc] += raw
+    tally.seconds[rpc].append(outcome.seconds)
+    if outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        tally.hangs += 1
+    found = problems(rpc, payload, verdict, outcome)
+    if found and verdict.known_bug and outcome.code == grpc.StatusCode.INTERNAL:
+        tally.known_bugs[verdict.known_bug] += 1
+    elif found:
+        tally.n_mismatches += 1
+        logger.warning("case %d %s: %s", tally.cases, rpc, "; ".join(found))
+        if len(tally.mismatches) < MAX_EXAMPLES_KEPT:
+            tally.mismatches.append({"case": tally.cases, "rpc": rpc, "problems": found,
+                                     "expected": verdict.code.name, "reason": verdict.reason,
+                                     "observed": outcome.code.name,
+                                     "details": outcome.details[:500], **describe(payload)})
+    if (outcome.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                         grpc.StatusCode.UNAVAILABLE) or tally.cases % CHECK_EVERY == 0):
+        _check_server(server, channel, tally)
 
 
 def run_cases(server: Any, channel: Any, n_cases: int, seed: int, hang_s: float,
               raw_share: int) -> Tally:
-    """Draw and send ``n_cases`` cases; stop early (counting no further) once the engine died."""
-    import grpc
+    """Draw and send ``n_cases`` cases, one seeded Hypothesis run per (RPC, raw?) and round
+    (rounds interleave the RPCs); stop once the engine died."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
-    from hypothesis import strategies as st
     from tqdm import tqdm
 
-    from tests.integration.fuzz_strategies import (
-        REQUESTS,
-        default_oracle,
-        problems,
-        raw_bytes,
-        send,
-    )
+    from tests.integration.fuzz_strategies import REQUESTS, raw_bytes
 
-    oracle, tally, plan = default_oracle(), Tally(), schedule(seed, raw_share)
+    tally = Tally()
     bar = tqdm(total=n_cases, unit="case", dynamic_ncols=True)
-    internal = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE)
 
-    @hypothesis_seed(seed)
-    @settings(max_examples=n_cases, database=None, derandomize=False, deadline=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))
-    @given(st.data())
-    def one(data: st.DataObject) -> None:
-        if tally.crash is not None or tally.cases >= n_cases:
-            return
-        rpc, raw = plan[tally.cases % len(plan)]
-        payload = data.draw(raw_bytes(rpc) if raw else REQUESTS[rpc])
-        verdict = oracle.verdict_for_bytes(rpc, payload) if raw else oracle.verdict(payload)
-        outcome = send(channel, rpc, payload, hang_s)
-        tally.cases += 1
-        tally.by_rpc[rpc][outcome.code.name] += 1
-        tally.expected[verdict.code.name] += 1
-        tally.raw[rpc] += raw
-        tally.seconds[rpc].append(outcome.seconds)
-        if outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            tally.hangs += 1
-        found = problems(rpc, payload, verdict, outcome)
-        if found and verdict.known_bug and outcome.code == grpc.StatusCode.INTERNAL:
-            tally.known_bugs[verdict.known_bug] += 1
-        elif found:
-            tally.n_mismatches += 1
-            logger.warning("case %d %s: %s", tally.cases, rpc, "; ".join(found))
-            if len(tally.mismatches) < MAX_EXAMPLES_KEPT:
-                tally.mismatches.append({"case": tally.cases, "rpc": rpc, "problems": found,
-                                         "expected": verdict.code.name,
-                                         "reason": verdict.reason, "observed": outcome.code.name,
-                                         "details": outcome.details[:500], **describe(payload)})
-        if outcome.code in internal or tally.cases % CHECK_EVERY == 0:
-            _check_server(server, channel, tally)
-        bar.update(1)
-        bar.set_postfix(mismatches=tally.n_mismatches, known=sum(tally.known_bugs.values()),
-                        hangs=tally.hangs, refresh=False)
-
-    try:
+    def chunk(rpc: str, raw: bool, k: int, label: str) -> None:
+        @hypothesis_seed(f"{seed}-{label}")
+        @settings(max_examples=k, database=None, derandomize=False, deadline=None,
+                  phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+        @given(raw_bytes(rpc) if raw else REQUESTS[rpc])
+        def one(payload: Any) -> None:
+            if tally.crash is None:           # the engine is gone: draw on, send nothing
+                send_case(server, channel, tally, rpc, payload, hang_s)
+                bar.update(1)
+                bar.set_postfix(mismatches=tally.n_mismatches, hangs=tally.hangs,
+                                known=sum(tally.known_bugs.values()), refresh=False)
         one()
+
+    rounds = max(1, min(10, n_cases // 200))
+    try:
+        for r in range(rounds):
+            for (rpc, raw), quota in quotas(n_cases, raw_share).items():
+                k = quota // rounds + (r < quota % rounds)
+                if k and tally.crash is None:
+                    chunk(rpc, raw, k, f"{rpc}-{raw}-{r}")
+        extra = 0                             # tiny spaces (GetDictionary) end early
+        while tally.cases < n_cases and tally.crash is None:
+            chunk("Generate", False, n_cases - tally.cases, f"extra-{extra}")
+            extra += 1
+    except Exception as exc:                  # a harness failure: report what was counted
+        logger.exception("the fuzz loop stopped after %d cases", tally.cases)
+        tally.crash = f"harness error after {tally.cases} cases: {type(exc).__name__}: {exc}"
     finally:
         bar.close()
     return tally

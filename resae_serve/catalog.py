@@ -231,7 +231,7 @@ class Catalog:
 
     def _layer(self, layer: int) -> dict[str, Any]:
         if str(layer) not in self.data["layers"]:
-            raise CatalogError(f"layer={layer} is not in the catalog {self.path}; its layers "
+            raise CatalogError(f"layer={layer} is not in the feature catalog; its layers "
                                f"are {list(self.layers)}")
         entry: dict[str, Any] = self.data["layers"][str(layer)]
         return entry

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from resae_serve.artifact import ArtifactError, Manifest, read_manifest
+from resae_serve.artifact import ArtifactError, Manifest, load_artifact, read_manifest
 from resae_serve.errors import ResaeError
 
 
@@ -222,4 +222,9 @@ def check_dictionary(config: ServerConfig) -> Manifest:
     if manifest.layers[-1] >= n_layers:
         raise ServerConfigError(f"{where}: layers {list(manifest.layers)} but the model has "
                                 f"{n_layers} blocks (0..{n_layers - 1})")
+    try:   # every tensor file against its recorded SHA-256, shapes, dtypes, finiteness
+        load_artifact(Path(config.dictionary), expect_fingerprint=fingerprint)
+    except ArtifactError as exc:
+        raise ServerConfigError(f"dictionary={config.dictionary} is damaged: {exc}. Restore it "
+                                "from the training output or retrain it") from exc
     return manifest

