@@ -23,7 +23,7 @@ import queue
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +66,15 @@ def _summaries(sae: SAE, u: torch.Tensor, k: int, columns: list[int]
     return top.indices.tolist(), top.values.tolist(), z[:, columns].tolist()
 
 
+class _Discard(NamedTuple):
+    """Queue marker: drop the results of request ``key``."""
+
+    key: str
+
+
+_QueueItem = StepCapture | _Discard | tuple[str, MonitorSpec | None]
+
+
 class Monitor:
     """Background encoder of :class:`StepCapture` records; results fetched by request key."""
 
@@ -76,8 +85,8 @@ class Monitor:
         self.stalled_steps = 0
         self.recomputed = 0
         self._seen: dict[tuple[str, int], int] = {}   # (key, layer) -> furthest position
-        self._queue: queue.Queue[StepCapture | tuple[str, MonitorSpec | None]] = queue.Queue(
-            maxsize=max_pending)
+        self._discarded: set[str] = set()   # aborted keys still in the engine: drop at finish
+        self._queue: queue.Queue[_QueueItem] = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="resae-monitor", daemon=True)
         self._thread.start()
@@ -97,6 +106,18 @@ class Monitor:
         """The request has left the engine: forget its spec once its queued steps are encoded
         (a later request may reuse the key; its :meth:`register` comes after this)."""
         self._queue.put((key, None))
+
+    def discard(self, key: str) -> None:
+        """The caller abandoned the request (abort): drop its results, also those of steps
+        still queued or still to come before the engine lets it go (no store growth from
+        cancelled requests)."""
+        self._queue.put(_Discard(key))
+
+    @property
+    def stored_keys(self) -> int:
+        """Requests with results waiting to be taken."""
+        with self._lock:
+            return len(self.results)
 
     def flush(self) -> None:
         self._queue.join()
@@ -160,11 +181,22 @@ class Monitor:
                 if isinstance(step, StepCapture):
                     self._encode(step)
                     continue
+                if isinstance(step, _Discard):
+                    key = step.key
+                    with self._lock:
+                        self.results.pop(key, None)
+                    if key in self.specs:           # its finish marker is still to come
+                        self._discarded.add(key)
+                    continue
                 key, spec = step
                 for layer in self.resae.layers:
                     self._seen.pop((key, layer), None)
                 if spec is None:
                     self.specs.pop(key, None)
+                    if key in self._discarded:
+                        self._discarded.discard(key)
+                        with self._lock:
+                            self.results.pop(key, None)
                 else:
                     self.specs[key] = spec
             except Exception:  # a monitoring failure must never take the engine down

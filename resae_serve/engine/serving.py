@@ -217,8 +217,8 @@ class ResaeEngine:
                 await close()
             if not finished:
                 await self.engine.abort(request_id)
-                if monitoring:
-                    await self._fetcher.fetch(request_id, wait=False)   # drop what arrived
+                if monitoring:          # drop its results, also those still on the way
+                    await self.engine.collective_rpc("resae_discard", args=(request_id,))
             await self.admission.release(handle)
 
 

@@ -55,6 +55,10 @@ class ResaeWorkerExtension:
         records: dict[str, list[dict[str, Any]]] = _hook().monitor.take_many(keys, wait=wait)
         return records
 
+    def resae_discard(self, key: str) -> None:
+        """Drop the monitoring results of an aborted request (now and when they arrive)."""
+        _hook().monitor.discard(key)
+
     def resae_info(self) -> dict[str, Any]:
         """What the front end needs to validate specs: layers, ``d_sae`` per layer, ``d_model``,
         and the number of distinct steering configs the tables hold."""
@@ -68,4 +72,5 @@ class ResaeWorkerExtension:
         return {"rows_in_use": hook.tables.rows_in_use,
                 "requests": len(hook.tables.known_requests()),
                 "rejected": hook.rejected, "monitor_stalled_steps": hook.monitor.stalled_steps,
-                "monitor_recomputed": hook.monitor.recomputed}
+                "monitor_recomputed": hook.monitor.recomputed,
+                "monitor_stored_requests": hook.monitor.stored_keys}

@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -327,7 +328,8 @@ def list_features_requests(draw: st.DrawFn) -> pb.ListFeaturesRequest:
         b64(json.dumps({"layer": layer, "labeled": labeled}).encode()), b64(b"[1, 2]"),
         b64(b"5"), b64(b'"text"'), b64(b"\xff\xfe\x00"), b64(b"{"), "garbage", "!!!!", "é",
         b64(b'{"layer":%d,"labeled":%s,"offset":1e999}' % (layer, flag)),
-        b64(b'{"layer":%d,"labeled":false,"offset":-Infinity}' % layer), b64(b"[" * 100_000)])
+        b64(b'{"layer":%d,"labeled":false,"offset":-Infinity}' % layer), b64(b"[" * 100_000),
+        b64(b'{"layer":%d,"labeled":false,"offset":%s}' % (layer, b"9" * 5000))])
     token = draw(weighted((5, st.just("")), (3, st.integers(0, 300).map(
         lambda o: page_token(layer, labeled, o))), (2, forged), (1, odd_text)))
     size = draw(weighted((6, st.sampled_from([0, 1, 10, 100, 256, 1000]) | st.integers(1, 1000)),
@@ -620,6 +622,10 @@ def expected_code(request: Message) -> grpc.StatusCode:
 
 # ----------------------------------------------------------------------------- calling
 
+PATH = re.compile(r"(?<![\w.])/[\w.@-]+(?:/[\w.@-]+)+")
+"""An absolute file path (two or more segments) in an error message."""
+
+
 class Outcome(NamedTuple):
     """How one call ended."""
 
@@ -659,7 +665,7 @@ def problems(rpc: str, payload: Message | bytes, verdict: Verdict, outcome: Outc
     if outcome.code == INVALID:
         sent = (payload if isinstance(payload, bytes) else payload.SerializeToString())
         sent_text = sent.decode("utf-8", "replace")
-        leaks = [s for s in ("Traceback", "/work", ".py", 'File "')
+        leaks = [s for s in ("Traceback", "/work", ".py", 'File "', *PATH.findall(outcome.details))
                  if s in outcome.details and s not in sent_text]
         if not outcome.details.strip() or leaks:
             found.append(f"INVALID_ARGUMENT message empty or leaking {leaks}: "

@@ -309,7 +309,8 @@ def test_invalid_requests_name_the_field(server: Any, case: str,
 
 # ----------------------------------------------------------------------------- lifecycle
 
-def test_cancellation_aborts_the_engine_request(server: Any, client: ResaeClient) -> None:
+def test_cancellation_aborts_the_engine_request(server: Any, client: ResaeClient,
+                                                loop: ServerLoop) -> None:
     stream = client.generate(PROMPT, max_tokens=64, temperature=0.0,
                              interventions=[add(12, 3, 10.0)], monitor=monitor([6], top_k=2))
     assert next(stream).WhichOneof("kind") == "prompt"
@@ -317,6 +318,9 @@ def test_cancellation_aborts_the_engine_request(server: Any, client: ResaeClient
     stream.close()                                 # cancels the call
     _wait_idle(server)
     assert server.service.engine.admission.resident == 0
+    # its monitor results were discarded in the worker, also those encoded after the abort
+    stats = loop.run(server.llm.collective_rpc("resae_stats"))[0]
+    assert stats["monitor_stored_requests"] == 0, stats
     assert _greedy(client, max_tokens=2).summary is not None   # the slot is usable again
 
 

@@ -63,3 +63,23 @@ def test_a_reused_key_is_monitored_again_after_finish() -> None:
     monitor.register("a", MonitorSpec((LAYERS[0],), top_k=1))
     monitor.submit(_step(acts))
     assert len(monitor.take("a")) == 3 and monitor.recomputed == 0
+
+
+@pytest.mark.parametrize("finished_first", [False, True])
+def test_a_discarded_request_leaves_nothing_in_the_store(finished_first: bool) -> None:
+    """An aborted request's results are dropped, also those of steps encoded after the
+    discard and before the engine let the request go (or after, if it already had)."""
+    resae, acts = tiny_resae(), tiny_acts(3)
+    monitor = Monitor(resae)
+    monitor.register("a", MonitorSpec((LAYERS[0],), top_k=1))
+    monitor.submit(_step(acts))
+    if finished_first:
+        monitor.finish("a")
+        monitor.discard("a")
+    else:
+        monitor.discard("a")
+        monitor.submit(_step(acts))       # still in the engine: one more step arrives
+        monitor.flush()
+        monitor.finish("a")
+    monitor.flush()
+    assert monitor.stored_keys == 0 and monitor.take("a") == []

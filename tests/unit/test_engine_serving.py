@@ -25,6 +25,7 @@ class FakeEngine:
         self.records: dict[str, list[dict[str, Any]]] = {}
         self.live: list[str] = []
         self.aborted: list[str] = []
+        self.discarded: list[str] = []
         self.salts: dict[str, str | None] = {}
         self.gate = asyncio.Event()
         self.gate.set()
@@ -64,6 +65,10 @@ class FakeEngine:
     async def collective_rpc(self, method: str, timeout: float | None = None,
                              args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
                              ) -> list[Any]:
+        if method == "resae_discard":
+            self.records.pop(args[0], None)
+            self.discarded.append(args[0])
+            return [None]
         assert method == "resae_take_many"
         return [{key: self.records.pop(key, []) for key in args[0]}]
 
@@ -138,6 +143,7 @@ def test_stopping_early_aborts_and_releases() -> None:
             break
         await stream.aclose()
         assert fake.aborted == ["a"] and engine.admission.resident == 0
+        assert fake.discarded == ["a"] and "a" not in fake.records
 
     asyncio.run(scenario())
 
