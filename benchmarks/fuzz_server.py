@@ -4,9 +4,11 @@
 
 Starts its own server (the test harness's random dictionary with a catalog, ``base_config``
 limits, a real vLLM CPU engine), draws ``--cases`` requests and raw byte strings for every RPC
-from the same strategies as ``tests/integration/test_server_fuzz.py`` (a Hypothesis ``@given``
-run programmatically: seeded, no shrinking, no example database), sends each one and compares
-its status with the oracle's. Counts cases per RPC and status code, mismatches (should be 0;
+from the same strategies as ``tests/integration/test_server_fuzz.py`` (Hypothesis ``@given``
+runs called programmatically, one per RPC, raw-or-typed and round, each seeded from
+``--seed``: no shrinking, no example database; GetDictionary has a single typed request, so
+the rest of its share goes to Generate), sends each one and compares its status with the
+oracle's. Counts cases per RPC and status code, mismatches (should be 0;
 answers to :data:`KNOWN_BUGS` are counted apart), hangs (a call running past ``--hang-s``),
 engine crashes (health not SERVING; the run stops there), the server's idleness and health at
 the end, RSS of this process and of the engine processes before and after, and wall time.
@@ -69,15 +71,23 @@ class Tally:
     """Everything counted during a run."""
 
     by_rpc: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    """Observed status code names per RPC."""
     expected: Counter[str] = field(default_factory=Counter)
+    """The oracle's status code names."""
     raw: Counter[str] = field(default_factory=Counter)
+    """Raw byte strings sent, per RPC."""
     seconds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    """Call durations per RPC."""
     mismatches: list[dict[str, Any]] = field(default_factory=list)
+    """The first :data:`MAX_EXAMPLES_KEPT` mismatching cases, reproducible."""
     n_mismatches: int = 0
     known_bugs: Counter[str] = field(default_factory=Counter)
+    """INTERNAL answers to requests of a known bug, per bug (not mismatches)."""
     hangs: int = 0
     crash: str | None = None
+    """Why the run stopped early (engine gone, health not SERVING, harness error)."""
     not_idle: int = 0
+    """Periodic checks that found the server still busy after 30 s."""
     cases: int = 0
 
 

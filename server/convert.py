@@ -23,6 +23,8 @@ MODES = {pb.EDIT_MODE_ADD: "add", pb.EDIT_MODE_CLAMP: "clamp", pb.EDIT_MODE_SCAL
 PHASES = {pb.PHASE_UNSPECIFIED: "all", pb.PHASE_ALL: "all", pb.PHASE_PROMPT: "prompt",
           pb.PHASE_GENERATION: "generation"}
 ROLES = ("system", "user", "assistant")
+MAX_TEMPERATURE = 2.0
+"""vLLM's own bound on ``SamplingParams.temperature``."""
 
 
 class RequestError(ResaeError):
@@ -94,8 +96,9 @@ def sampling_params(message: pb.SamplingParams, limits: Limits, *,
     kwargs: dict[str, Any] = {"max_tokens": n}
     if message.HasField("temperature"):
         t = _finite(message.temperature, "sampling.temperature")
-        if not 0 <= t <= 100:
-            raise RequestError(f"sampling.temperature={t}; allowed 0..100 (0 = greedy)")
+        if not 0 <= t <= MAX_TEMPERATURE:
+            raise RequestError(f"sampling.temperature={t}; allowed 0..{MAX_TEMPERATURE:g} "
+                               "(0 = greedy)")
         kwargs["temperature"] = t
     if message.HasField("top_p"):
         p = _finite(message.top_p, "sampling.top_p")
@@ -117,7 +120,12 @@ def sampling_params(message: pb.SamplingParams, limits: Limits, *,
         kwargs["stop"] = list(message.stop)
     if message.ignore_eos:
         kwargs["ignore_eos"] = True
-    return SamplingParams(**kwargs)
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, VLLMClientError) as exc:              # vLLM's own checks
+        raise RequestError(f"sampling: {exc}") from exc
 
 
 def interventions(messages: Sequence[pb.Intervention], limits: Limits, *,

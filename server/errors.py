@@ -44,12 +44,23 @@ def _engine_dead_types() -> tuple[type[BaseException], ...]:
     return (EngineDeadError,)
 
 
+def _client_error_types() -> tuple[type[BaseException], ...]:
+    """vLLM's errors caused by the request (its 4xx)."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # pragma: no cover - vLLM missing
+        return ()
+    return (VLLMClientError,)
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message of an exception raised by a handler."""
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
     if isinstance(exc, RequestError | InterventionError | CatalogError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, _client_error_types()):
+        return grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused the request: {exc}"
     if isinstance(exc, _engine_dead_types()):
         return (grpc.StatusCode.UNAVAILABLE,
                 "the engine stopped; this server is not serving (retry on another replica)")

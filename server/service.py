@@ -264,6 +264,9 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         self._engine()
         with self._admit():
             ids = text_token_ids(self.tokenizer, request.text)
+            if len(ids) > self.limits.max_prompt_tokens:
+                raise RequestError(f"text has {len(ids)} tokens; at most "
+                                   f"{self.limits.max_prompt_tokens} (max_prompt_tokens)")
             self._prompt(pb.Input(token_ids=pb.TokenIds(ids=ids)), 1)
             monitor = MonitorSpec(layers=self.manifest.layers, raw=True)
             features, _ = await self._prompt_features(ids, [], monitor)
@@ -306,10 +309,12 @@ def _page_offset(request: pb.ListFeaturesRequest) -> int:
     if not request.page_token:
         return 0
     try:
+        if len(request.page_token) > 256:
+            raise ValueError("too long")
         data = json.loads(base64.urlsafe_b64decode(request.page_token.encode()))
         offset = int(data["offset"])
         same = data["layer"] == request.layer and data["labeled"] == request.labeled_only
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise RequestError("page_token is not one this server issued; pass the "
                            "next_page_token of the previous response, or '' to start") from exc
     if not same or offset < 0:

