@@ -269,6 +269,7 @@ async def run_load(target: str, config: LoadConfig, *, token: str | None = None,
                     raise failure
     finally:
         await client.close()
+        await asyncio.sleep(0.2)    # let gRPC deliver the cancelled calls' last events here
     return summarize(config, records, wall, sampler.stats() if sampler else None)
 
 
@@ -413,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_pending if args.overload else 4 * args.streams, args.kv_cache_gib))
             target, pid = f"127.0.0.1:{server.port}", os.getpid()
         if args.overload:
+            n_warm = min(burst, args.max_pending)
+            logger.info("warm-up: %d calls", n_warm)
+            asyncio.run(run_load(target, LoadConfig(streams=n_warm, requests=n_warm,
+                                                    tokens=args.tokens, mix=(("plain", 1),)),
+                                 token=args.token))
             result: Any = asyncio.run(run_overload(target, burst, args.tokens, token=args.token))
             max_pending = None if args.target else args.max_pending
             table = overload_table(result, max_pending)
@@ -458,15 +464,18 @@ def _record(args: argparse.Namespace, argv: list[str] | None, table: str, load_b
         append_results(f"gRPC overload: {args.burst or 3 * args.max_pending} simultaneous "
                        f"Generate calls, {args.tokens} tokens", command, table,
                        f"{where}. Rejection latency is sending to the RESOURCE_EXHAUSTED "
-                       f"status; TTFT is sending to the first token. {load}")
+                       f"status; TTFT is sending to the first token; after a warm-up of "
+                       f"{min(args.burst or 3 * args.max_pending, args.max_pending)} calls. "
+                       f"{load}")
     else:
         append_results(f"gRPC load: {args.streams} streams, {args.duration:g} s, {args.tokens} "
                        f"tokens, mix {args.mix}", command, table,
                        f"{where}. Greedy, ignore_eos; steered = ADD + CLAMP at two layers, "
                        "feature ids per worker; monitored = top-8 at all layers. Per-token "
                        "latency = gap between token chunks / tokens in the chunk; TTFT from "
-                       "sending. RSS sampled every second (this process + the vLLM EngineCore "
-                       f"and worker), after a warm-up of one call per stream. {load}")
+                       "sending. RSS sampled every second (this process and its children: vLLM "
+                       "EngineCore, worker, resource tracker), after a warm-up of one call per "
+                       f"stream. {load}")
 
 
 if __name__ == "__main__":

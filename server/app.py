@@ -50,7 +50,7 @@ async def build_engine(config: ServerConfig) -> tuple[ResaeEngine, Any]:
 
     e = config.engine
     if e.kv_cache_gib is not None:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(e.kv_cache_gib)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(e.kv_cache_gib))
     extra: dict[str, Any] = {}
     if e.gpu_memory_utilization is not None:
         extra["gpu_memory_utilization"] = e.gpu_memory_utilization

@@ -69,11 +69,22 @@ class EngineSettings:
     enforce_eager: bool = False
     """Disable torch.compile / CUDA graphs (fallback; slower)."""
     dtype: str = "float32"
-    kv_cache_gib: float | None = None
-    """CPU KV cache size (``VLLM_CPU_KVCACHE_SPACE``); None keeps vLLM's default."""
+    kv_cache_gib: int | None = None
+    """CPU KV cache size in whole GiB (``VLLM_CPU_KVCACHE_SPACE``); None keeps vLLM's default
+    (a share of all memory, which fails when other processes hold much of it)."""
     gpu_memory_utilization: float | None = None
     """GPU share vLLM may use; None keeps vLLM's default."""
     tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_model_len", "max_configs", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ServerConfigError(f"engine.{name}={value!r}; must be an integer >= 1")
+        kv = self.kv_cache_gib
+        if kv is not None and (isinstance(kv, bool) or not float(kv).is_integer() or kv < 1):
+            raise ServerConfigError(f"engine.kv_cache_gib={kv!r}; must be a whole number of "
+                                    "GiB >= 1 (vLLM reads an integer)")
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def test_config_from_toml_and_flag_overrides(tmp_path: Path) -> None:
     ({"dictionary": "d", "port": 70000}, "port=70000; allowed 0..65535"),
     ({"dictionary": "d", "tls_cert_file": "c"}, "tls_cert_file and tls_key_file go together"),
     ({"dictionary": "d", "tls_client_ca_file": "ca"}, "tls_client_ca_file needs"),
+    ({"dictionary": "d", "engine": {"kv_cache_gib": 1.5}}, "engine.kv_cache_gib=1.5"),
+    ({"dictionary": "d", "engine": {"max_num_seqs": 0}}, "engine.max_num_seqs=0"),
 ])
 def test_bad_config_names_the_field(data: dict[str, object], message: str) -> None:
     with pytest.raises(ServerConfigError) as info:
