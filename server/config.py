@@ -56,6 +56,9 @@ class Limits:
                                     f"above limits.max_tokens={self.max_tokens}")
 
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
 @dataclass(frozen=True)
 class EngineSettings:
     """vLLM engine arguments the server exposes (see ``resae_serve.engine.llm.engine_kwargs``)."""
@@ -82,9 +85,15 @@ class EngineSettings:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ServerConfigError(f"engine.{name}={value!r}; must be an integer >= 1")
         kv = self.kv_cache_gib
-        if kv is not None and (isinstance(kv, bool) or not float(kv).is_integer() or kv < 1):
+        if kv is not None and (not isinstance(kv, int | float) or isinstance(kv, bool)
+                               or not float(kv).is_integer() or kv < 1):
             raise ServerConfigError(f"engine.kv_cache_gib={kv!r}; must be a whole number of "
                                     "GiB >= 1 (vLLM reads an integer)")
+        gpu = self.gpu_memory_utilization
+        if gpu is not None and (not isinstance(gpu, int | float) or not 0 < gpu <= 1):
+            raise ServerConfigError(f"engine.gpu_memory_utilization={gpu!r}; allowed (0, 1]")
+        if self.dtype not in DTYPES:
+            raise ServerConfigError(f"engine.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +154,10 @@ def _nested(cls: type[Any], data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ServerConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise ServerConfigError(f"{where}: {exc}") from exc
 
 
 def config_from_mapping(data: dict[str, Any], where: str = "config") -> ServerConfig:

@@ -23,6 +23,8 @@ MODES = {pb.EDIT_MODE_ADD: "add", pb.EDIT_MODE_CLAMP: "clamp", pb.EDIT_MODE_SCAL
 PHASES = {pb.PHASE_UNSPECIFIED: "all", pb.PHASE_ALL: "all", pb.PHASE_PROMPT: "prompt",
           pb.PHASE_GENERATION: "generation"}
 ROLES = ("system", "user", "assistant")
+CHARS_PER_TOKEN_BOUND = 32
+"""Characters per allowed prompt token beyond which text is refused without tokenizing."""
 MAX_TEMPERATURE = 2.0
 """vLLM's own bound on ``SamplingParams.temperature``."""
 
@@ -51,9 +53,13 @@ def input_token_ids(message: pb.Input, tokenizer: Any, vocab_size: int, where: s
     if kind is None:
         raise RequestError(f"{where}: set one of {where}.prompt, {where}.chat, "
                            f"{where}.token_ids")
+    max_chars = CHARS_PER_TOKEN_BOUND * max_tokens    # refuse megabytes before tokenizing
     if kind == "prompt":
         if not message.prompt:
             raise RequestError(f"{where}.prompt is empty; give some text")
+        if len(message.prompt) > max_chars:
+            raise RequestError(f"{where}.prompt has {len(message.prompt)} characters; this "
+                               f"server takes at most {max_tokens} tokens (max_prompt_tokens)")
         ids = list(tokenizer(message.prompt)["input_ids"])
     elif kind == "chat":
         turns = message.chat.messages
@@ -63,9 +69,16 @@ def input_token_ids(message: pb.Input, tokenizer: Any, vocab_size: int, where: s
             if turn.role not in ROLES:
                 raise RequestError(f"{where}.chat.messages[{i}].role={turn.role!r}; allowed: "
                                    f"{', '.join(ROLES)}")
-        rendered = tokenizer.apply_chat_template(
-            [{"role": t.role, "content": t.content} for t in turns],
-            add_generation_prompt=True, tokenize=True)
+        if sum(len(t.content) for t in turns) > max_chars:
+            raise RequestError(f"{where}.chat is longer than {max_tokens} tokens "
+                               "(max_prompt_tokens)")
+        try:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": t.role, "content": t.content} for t in turns],
+                add_generation_prompt=True, tokenize=True)
+        except Exception as exc:   # jinja2 TemplateError, or a model without a chat template
+            raise RequestError(f"{where}.chat: the model's chat template refused the messages "
+                               f"({type(exc).__name__}: {exc})") from exc
         ids = list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
     else:
         ids = list(message.token_ids.ids)
@@ -137,10 +150,10 @@ def interventions(messages: Sequence[pb.Intervention], limits: Limits, *,
     out: list[SteerEdit | SteerVector] = []
     for i, m in enumerate(messages):
         where = f"interventions[{i}]"
-        if m.phase not in PHASES:
+        if phase is None and m.phase not in PHASES:
             raise RequestError(f"{where}.phase={m.phase}; allowed: "
                                f"{', '.join(pb.Phase.keys())}")
-        ph = phase or PHASES[m.phase]
+        ph = phase or PHASES[m.phase]    # Inspect: every token, whatever the phase says
         kind = m.WhichOneof("kind")
         if kind == "feature":
             if m.feature.mode not in MODES:

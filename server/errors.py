@@ -81,6 +81,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext,
                     rpc: str) -> None:
+        if isinstance(exc, GeneratorExit):      # grpc finalizes a stream cancelled mid-send
+            self._record(rpc, grpc.StatusCode.CANCELLED)
+            raise exc
         if isinstance(exc, asyncio.CancelledError):
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0

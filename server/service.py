@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -66,6 +67,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         self.pending = 0
         self.active_streams = 0
         self._resae: ReSAE | None = None
+        self._resae_lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
 
@@ -119,9 +121,13 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         engine = self._engine()
         engine.spec(interventions, monitor)          # INVALID_ARGUMENT before any output
         request_id = f"resae-{uuid.uuid4().hex[:16]}"
-        async for chunk in engine.generate(ids, sampling, interventions=interventions,
-                                           monitor=monitor, request_id=request_id):
-            yield chunk
+        stream = engine.generate(ids, sampling, interventions=interventions, monitor=monitor,
+                                 request_id=request_id)
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:        # aborts and releases at once, not when the generator is collected
+            await stream.aclose()
 
     # ------------------------------------------------------------------ RPCs
 
@@ -143,6 +149,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
             self.active_streams += 1
             self.metrics.active_streams.inc()
             n_out, first_token_at, last_token_at, text = 0, None, received, []
+            n_first = 0                         # tokens that came with the first token chunk
             finish_reason = ""
             delivered = {layer: -1 for layer in (monitor.layers if monitor else ())}
             try:
@@ -151,7 +158,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                     now = time.perf_counter()
                     if chunk.token_ids:
                         if first_token_at is None:
-                            first_token_at = now
+                            first_token_at, n_first = now, len(chunk.token_ids)
                             self.metrics.time_to_first_token.observe(now - received)
                         last_token_at = now
                         self.metrics.add_tokens(len(chunk.token_ids))
@@ -161,8 +168,10 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                     if delivered:
                         for f in chunk.features:
                             delivered[f.layer] = max(delivered[f.layer], f.position)
-                        fed = len(ids) + n_out - 1        # positions whose pass has run
-                        self.metrics.monitor_lag.observe(max(0, fed - 1 - min(delivered.values())))
+                        # generated positions whose pass ran but whose features are not here
+                        fed = len(ids) + n_out - 1
+                        done = max(min(delivered.values()), len(ids) - 1)
+                        self.metrics.monitor_lag.observe(max(0, fed - 1 - done))
                     if chunk.finished:
                         finish_reason = chunk.finish_reason or ""
                     yield pb.GenerateResponse(chunk=message)
@@ -178,7 +187,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                 prompt_tokens=len(ids), completion_tokens=n_out,
                 time_to_first_token_s=first_token_at - received,
                 total_time_s=last_token_at - received,
-                decode_tokens_per_s=(n_out - 1) / decode if n_out > 1 and decode > 0 else 0.0,
+                decode_tokens_per_s=(n_out - n_first) / decode if decode > 0 else 0.0,
                 text="".join(text)))
 
     async def Inspect(self, request: pb.InspectRequest,
@@ -281,10 +290,11 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
 
     def _rank(self, ids: list[int], features: list[TokenFeatures], catalog: Catalog, top: int,
               layers: tuple[int, ...] | None) -> list[Any]:
-        if self._resae is None:
-            from resae_serve.artifact import load_artifact
+        with self._resae_lock:
+            if self._resae is None:
+                from resae_serve.artifact import load_artifact
 
-            self._resae = load_artifact(self.config.dictionary)[0].eval()
+                self._resae = load_artifact(self.config.dictionary)[0].eval()
         by_layer: dict[int, list[tuple[int, tuple[float, ...]]]] = {}
         for f in features:
             by_layer.setdefault(f.layer, []).append((f.position, f.raw))

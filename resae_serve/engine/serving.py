@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from resae_serve.engine.admission import ConfigAdmission
@@ -117,6 +117,17 @@ class _MonitorFetcher:
             await asyncio.shield(self._task)
         return self._buffers.pop(key, [])
 
+    async def forget(self, key: str) -> None:
+        """Drop everything fetched or still being fetched for ``key`` (an abandoned request)."""
+        self._wanted.discard(key)
+        self._flush.discard(key)
+        while key in self._inflight and self._task is not None and not self._task.done():
+            try:
+                await asyncio.shield(self._task)
+            except Exception:                  # the round's own waiters see its failure
+                break
+        self._buffers.pop(key, None)
+
     async def _round(self) -> None:
         keys, self._wanted = self._wanted, set()
         wait, self._flush = bool(self._flush & keys), self._flush - keys
@@ -183,7 +194,7 @@ class ResaeEngine:
     async def generate(self, prompt: str | Sequence[int], sampling: Any, *,
                        interventions: Sequence[Intervention] = (),
                        monitor: MonitorSpec | None = None,
-                       request_id: str | None = None) -> AsyncIterator[GenerationChunk]:
+                       request_id: str | None = None) -> AsyncGenerator[GenerationChunk, None]:
         """Stream one request's tokens with their features and events (see module docstring)."""
         request_id = request_id or f"resae-{next(self._ids)}"
         spec = self.spec(interventions, monitor, key=request_id)
@@ -212,14 +223,17 @@ class ResaeEngine:
                 if finished:
                     break
         finally:
-            close = getattr(stream, "aclose", None)
-            if close is not None:
-                await close()
-            if not finished:
-                await self.engine.abort(request_id)
-                if monitoring:          # drop its results, also those still on the way
-                    await self.engine.collective_rpc("resae_discard", args=(request_id,))
-            await self.admission.release(handle)
+            try:
+                close = getattr(stream, "aclose", None)
+                if close is not None:
+                    await close()
+                if not finished:
+                    await self.engine.abort(request_id)
+                    if monitoring:      # drop its results here and in the worker
+                        await self._fetcher.forget(request_id)
+                        await self.engine.collective_rpc("resae_discard", args=(request_id,))
+            finally:
+                await self.admission.release(handle)
 
 
 async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
