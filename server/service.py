@@ -142,17 +142,17 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
             monitor = (convert.monitor_spec(request.monitor, self.limits)
                        if request.HasField("monitor") else None)
             stream = self._run(ids, sampling, interventions, monitor)
-            first = await anext(stream)            # validation errors surface here
-            request_id = first.request_id
-            yield pb.GenerateResponse(prompt=pb.PromptTokens(
-                request_id=request_id, tokens=convert.token_messages(ids, 0, self.tokenizer)))
             self.active_streams += 1
             self.metrics.active_streams.inc()
             n_out, first_token_at, last_token_at, text = 0, None, received, []
             n_first = 0                         # tokens that came with the first token chunk
             finish_reason = ""
             delivered = {layer: -1 for layer in (monitor.layers if monitor else ())}
-            try:
+            try:                                # closes the engine stream however this ends
+                first = await anext(stream)     # validation errors surface here
+                yield pb.GenerateResponse(prompt=pb.PromptTokens(
+                    request_id=first.request_id,
+                    tokens=convert.token_messages(ids, 0, self.tokenizer)))
                 chunk: GenerationChunk | None = first
                 while chunk is not None:
                     now = time.perf_counter()
