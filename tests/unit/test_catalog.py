@@ -116,7 +116,7 @@ def test_save_load_labels_and_staleness(
     assert catalog.feature(1, 5).label is None
     with pytest.raises(CatalogError, match=r"feature=64 at layer 3; allowed 0..63"):
         catalog.feature(3, 64)
-    with pytest.raises(CatalogError, match=r"layer=2 is not in the catalog"):
+    with pytest.raises(CatalogError, match=r"layer=2 is not in the feature catalog"):
         catalog.feature(2, 0)
     data = json.loads((folder / "features.json").read_text())
     data["dictionary"] = "0" * 16
