@@ -34,9 +34,9 @@ class LoopThread:
 
 
 @contextlib.contextmanager
-def in_process_server(streams: int, tokens: int, max_pending: int,
-                      kv_cache_gib: int) -> Iterator[Any]:
-    """A started server on a loop thread of this process (see ``benchmarks/server.py``)."""
+def in_process_server(streams: int, tokens: int, max_pending: int, kv_cache_gib: int, *,
+                      loop: LoopThread | None = None) -> Iterator[Any]:
+    """A started server on a loop thread of this process: ``loop``, or one of its own."""
     from benchmarks.engine import random_dictionary
     from resae_serve.fingerprint import model_fingerprint
     from resae_serve.models import resolve_model
@@ -53,7 +53,7 @@ def in_process_server(streams: int, tokens: int, max_pending: int,
                               limits=Limits(max_tokens=max(tokens, 64), max_pending=max_pending),
                               engine=EngineSettings(max_num_seqs=streams, max_model_len=512,
                                                     kv_cache_gib=kv_cache_gib))
-        server_loop = LoopThread()
+        server_loop = loop or LoopThread()
 
         async def start() -> Any:
             server, _ = await create_server(config)
@@ -68,7 +68,8 @@ def in_process_server(streams: int, tokens: int, max_pending: int,
             yield server
         finally:
             server_loop.run(server.stop(0))
-            server_loop.loop.call_soon_threadsafe(server_loop.loop.stop)
+            if loop is None:
+                server_loop.loop.call_soon_threadsafe(server_loop.loop.stop)
 
 
 
@@ -79,12 +80,7 @@ def wait_idle(server: Any, timeout_s: float = 30.0) -> dict[str, int]:
     in the engine (all 0 when idle)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        service, llm = server.service, server.llm
-        state = {"active_streams": service.active_streams, "pending": service.pending,
-                 "resident_configs": service.engine.admission.resident if service.engine
-                 else 0,
-                 "engine_unfinished": llm.output_processor.get_num_unfinished_requests()
-                 if llm is not None else 0}
+        state = server.held()
         if not any(state.values()) or time.monotonic() > deadline:
             return state
         time.sleep(0.1)

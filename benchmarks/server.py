@@ -15,21 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import statistics
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from benchmarks._common import append_results
 
 logger = logging.getLogger("benchmarks.server")
-T = TypeVar("T")
 PROMPTS = ["The history of the city begins", "In the laboratory, the scientists",
            "My grandmother used to tell me", "The committee decided that the new"]
 
@@ -38,15 +33,6 @@ class Round(NamedTuple):
     ttft_s: list[float]
     tokens: int
     wall_s: float
-
-
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 1800) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
 async def _concurrently(n: int, one: Callable[[int], Awaitable[tuple[float, int]]]) -> Round:
@@ -68,37 +54,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm import SamplingParams
 
-    from benchmarks.engine import LAYERS, random_dictionary
+    from benchmarks._inprocess import LoopThread, in_process_server
+    from benchmarks.engine import LAYERS
     from resae_serve.engine.spec import MonitorSpec
-    from resae_serve.fingerprint import model_fingerprint
-    from resae_serve.models import resolve_model
-    from resae_serve.server.app import create_server
     from resae_serve.server.client import AsyncResaeClient, generate_request, monitor
-    from resae_serve.server.config import EngineSettings, Limits, ServerConfig
 
     width = max(args.streams)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = random_dictionary(Path(tmp) / "dict")
-        manifest_path = folder / "manifest.json"
-        manifest = json.loads(manifest_path.read_text())       # the real model's fingerprint
-        manifest["model"]["fingerprint"] = model_fingerprint(resolve_model("smollm2-135m"))
-        manifest_path.write_text(json.dumps(manifest))
-        config = ServerConfig(dictionary=folder, port=0, metrics_port=None,
-                              limits=Limits(max_tokens=args.tokens, default_max_tokens=args.tokens,
-                                            max_pending=4 * width),
-                              engine=EngineSettings(max_num_seqs=width, max_model_len=512,
-                                                    max_configs=8, kv_cache_gib=2))
-        server_loop, client_loop = _LoopThread(), _LoopThread()
-
-        async def start() -> Any:
-            server, _ = await create_server(config)
-            await server.start()
-            if not await server.wait_ready(1800):
-                raise RuntimeError("the engine failed to load")
-            return server
-
-        logger.info("starting the server and engine (compiled; a minute or two)")
-        server = server_loop.run(start())
+    server_loop, client_loop = LoopThread(), LoopThread()
+    with in_process_server(width, args.tokens, 4 * width, kv_cache_gib=2,
+                           loop=server_loop) as server:
         engine = server.service.engine
         tokenizer = server.service.tokenizer
         prompt_ids = [list(tokenizer(p)["input_ids"]) for p in PROMPTS]
@@ -152,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
                                 r + 1, n, path, result.tokens / result.wall_s,
                                 1000 * statistics.median(result.ttft_s))
         client_loop.run(client.close())
-        server_loop.run(server.stop(0))
 
     rows = ["| streams | path | tokens/s | ratio | TTFT p50 (ms) | TTFT max (ms) |",
             "| ---: | --- | ---: | ---: | ---: | ---: |"]

@@ -121,6 +121,15 @@ class ResaeServer:
                 await self._set_health(False)
                 return
 
+    def held(self) -> dict[str, int]:
+        """What the server still holds of past calls (all 0 when idle): open streams, admitted
+        calls, resident steering configs, requests unfinished in the engine."""
+        service, llm = self.service, self.llm
+        return {"active_streams": service.active_streams, "pending": service.pending,
+                "resident_configs": service.engine.admission.resident if service.engine else 0,
+                "engine_unfinished": llm.output_processor.get_num_unfinished_requests()
+                if llm is not None else 0}
+
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait for the engine; True when serving, False when it failed to load."""
         await asyncio.wait_for(self.ready.wait(), timeout)

@@ -25,9 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from resae_serve.cli.render_client import (
     completion_table,
     dictionary_text,
@@ -35,6 +32,7 @@ from resae_serve.cli.render_client import (
     side_by_side,
 )
 from resae_serve.server.client import ResaeClient, add, monitor
+from resae_serve.server.healthcheck import check_health
 
 logger = logging.getLogger("resae_serve.demo")
 SEARCH_TEXT = "She married him at the church wedding, and the bride wore white."
@@ -47,22 +45,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serving(target: str) -> bool:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                              timeout=2)
-        except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def wait_serving(target: str, process: subprocess.Popen[bytes], timeout: float,
                  log: Path) -> None:
     """Poll the health service until SERVING; fail early if the server process exits."""
     start = time.monotonic()
     last_note = start
-    while not _serving(target):
+    while not check_health(target, timeout=2).serving:
         if process.poll() is not None:
             raise RuntimeError(f"the server exited with status {process.returncode} while "
                                f"loading; see {log}")
