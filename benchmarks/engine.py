@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -69,7 +69,17 @@ def _specs(kind: str, batch: int, configs: int) -> list[Any]:
     return specs
 
 
-def _run(llm: Any, kind: str, batch: int, configs: int, max_tokens: int) -> tuple[float, float]:
+class Measured(NamedTuple):
+    tokens_per_s: float
+    step_ms: float
+    """Wall time per generated token of a request (prefill included)."""
+    forward_ms: float
+    """Per forward pass in the worker: the whole model, the hook's host work, the op."""
+    host_ms: float
+    op_ms: float
+
+
+def _run(llm: Any, kind: str, batch: int, configs: int, max_tokens: int) -> Measured:
     from vllm import SamplingParams
 
     from resae_serve.engine.llm import generate_batch, take_monitor
@@ -77,14 +87,20 @@ def _run(llm: Any, kind: str, batch: int, configs: int, max_tokens: int) -> tupl
     prompts = [f"Story number {j}: once upon a time" for j in range(batch)]
     specs = _specs(kind, batch, configs)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    before = llm.collective_rpc("resae_stats")[0]
     start = time.perf_counter()
     outs = generate_batch(llm, prompts, specs, params)
     if kind in ("monitor", "both"):
         for j in range(batch):
             take_monitor(llm, f"m{j}")
     elapsed = time.perf_counter() - start
+    after = llm.collective_rpc("resae_stats")[0]
+    steps = max(1, after["steps"] - before["steps"])
+    per_step = {k: (after[k] - before[k]) / steps * 1000
+                for k in ("forward_s", "hook_host_s", "op_s")}
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return tokens / elapsed, elapsed / max_tokens * 1000
+    return Measured(tokens / elapsed, elapsed / max_tokens * 1000, per_step["forward_s"],
+                    per_step["hook_host_s"], per_step["op_s"])
 
 
 def _timed(fn: Any, repeat: int = 30) -> float:
@@ -134,27 +150,21 @@ def profile_op(folder: Path, batch: int, configs: int) -> str:
         return lambda: tables.apply(i, hidden.clone(), residual)
 
     host()
-    captures = []
     for i in range(n_layers):
         tables.apply(i, hidden.clone(), residual)
-        capture = tables.captures[i]
-        assert capture is not None
-        captures.append(capture)
     step = StepCapture(keys=[s.key for s in specs.values()], counts=np.ones(batch, dtype=np.int64),
-                       starts=np.full(batch, 40),
-                       layers={i: (tables.capture_idx[i, :batch].numpy().copy(),
-                                   captures[i]) for i in range(n_layers)})
+                       starts=np.full(batch, 40), layers=tables.take_captures())
     monitor.flush()        # the specs registered by host() are in place
-    encode_only = {i: rows for i, (_, rows) in step.layers.items()}
+    inputs = [resae.sae_input(i, hidden + residual, hidden + residual if i else None)
+              for i in range(n_layers)]
 
     def sae_encodes() -> None:
         with torch.no_grad():
             for i in range(n_layers):
-                resae.saes[i].encode(resae.sae_input(
-                    i, encode_only[i], encode_only[i - 1] if i else None))
+                resae.saes[i].encode_sparse(inputs[i])
 
     def monitor_step() -> None:
-        monitor._encode(step)
+        monitor._summarize(step)
         monitor.results.clear()
 
     def pieces() -> list[float]:
@@ -162,9 +172,9 @@ def profile_op(folder: Path, batch: int, configs: int) -> str:
                 _timed(sae_encodes), _timed(monitor_step)]
 
     names = ["host fill (new specs parsed once; prepare_step)",
-             "op body, 4 layers (clamp encode, deltas, capture copy)",
-             "SAE encodes alone, 4 layers (the monitor's main cost)",
-             "monitor, one step: encode + records, 4 layers"]
+             "op body, 4 layers (one encode, clamp deltas, monitored codes after the edits)",
+             "SAE encodes alone, 4 layers (GEMM + top-k)",
+             "monitor thread, one step: records from the op's codes, 4 layers"]
     threads = torch.get_num_threads()
     columns = {threads: pieces()}
     torch.set_num_threads(1)
@@ -202,19 +212,25 @@ def main() -> None:
                     enforce_eager=args.eager)
     _run(llm, "both", 2, 2, 4)  # warm the monitor thread and the first shapes
     rows = []
+
+    def row(batch: int, kind: str, configs: str, m: Measured, plain: float) -> str:
+        return (f"| {batch} | {kind} | {configs} | {m.tokens_per_s:.0f} | {m.step_ms:.1f} | "
+                f"{m.forward_ms:.1f} | {m.host_ms:.2f} | {m.op_ms:.2f} | "
+                f"{m.tokens_per_s / plain:.2f} |")
+
     for batch in args.batches:
-        plain, plain_ms = _run(llm, "plain", batch, 1, args.max_tokens)
-        rows.append(f"| {batch} | plain | – | {plain:.0f} | {plain_ms:.1f} | 1.00 |")
+        plain = _run(llm, "plain", batch, 1, args.max_tokens)
+        rows.append(row(batch, "plain", "–", plain, plain.tokens_per_s))
         for kind in ("steer", "monitor", "both"):
             for configs in (args.configs if kind != "monitor" and batch > 1 else [1]):
                 if configs > batch:
                     continue
-                tps, ms = _run(llm, kind, batch, configs, args.max_tokens)
-                rows.append(f"| {batch} | {kind} | {configs} | {tps:.0f} | {ms:.1f} | "
-                            f"{tps / plain:.2f} |")
+                m = _run(llm, kind, batch, configs, args.max_tokens)
+                rows.append(row(batch, kind, str(configs), m, plain.tokens_per_s))
                 print(rows[-1], flush=True)
-    table = ("| batch | workload | K configs | output tok/s | ms / decode step | vs plain |\n"
-             "| ---: | --- | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
+    table = ("| batch | workload | K configs | output tok/s | ms / token step | forward ms | "
+             "hook host ms | op ms (all layers) | vs plain |\n"
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
     print(table)
     mode = "eager" if args.eager else "compiled (torch.compile, Inductor)"
     if not args.no_append:

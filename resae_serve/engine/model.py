@@ -11,6 +11,7 @@ preparation around the compiled decoder stack.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,15 @@ class ResaeLlamaForCausalLM(LlamaForCausalLM):
                 intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
         hook = _hook
-        if hook is not None:
-            hook.before_forward(int(positions.shape[-1]))
+        if hook is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
+                                   **kwargs)
+        start = time.perf_counter()
+        hook.before_forward(int(positions.shape[-1]))
+        host = time.perf_counter()
         out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
                               **kwargs)
-        if hook is not None:
-            hook.after_forward()
+        done = time.perf_counter()
+        hook.after_forward()
+        hook.times.add(host - start + time.perf_counter() - done, time.perf_counter() - start)
         return out

@@ -1,8 +1,10 @@
-"""Per-token feature monitoring, encoded off the decode path.
+"""Per-token feature monitoring: records built off the decode path.
 
-The op copies each monitored layer's block output (after that layer's edits) for the tokens of
-monitoring requests; :class:`Monitor` encodes those copies with the torch ``ReSAE`` on a
-background thread and keeps per-request results in token order.
+The op encodes each monitored layer once per step, together with the encode that steering needs
+(:class:`~resae_serve.engine.tables.SteeringTables`), and hands over the codes of the edited
+block output of the tokens of monitoring requests. :class:`Monitor` turns them into per-token
+records (top-k, watched values, threshold events) on a background thread and keeps
+per-request results in token order.
 
 Overload policy: the queue holds ``max_pending`` steps. When it is full the step thread waits
 for a free slot (back-pressure: decoding slows down; no monitoring result is ever dropped and
@@ -29,9 +31,9 @@ import numpy as np
 import torch
 
 from resae_serve.engine.spec import MonitorSpec
+from resae_serve.engine.tables import Codes, LayerCapture
 from resae_serve.resae import ReSAE
-from resae_serve.saes.base import SAE
-from resae_serve.saes.topk import TopKSAE
+from resae_serve.saes.base import SparseCodes
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +46,27 @@ class StepCapture:
     """Request key per request of the flat batch."""
     counts: np.ndarray
     starts: np.ndarray
-    layers: dict[int, tuple[np.ndarray, torch.Tensor]] = field(default_factory=dict)
-    """Dictionary position → (flat token indices (n,), block outputs (n, d))."""
+    layers: dict[int, tuple[np.ndarray, LayerCapture]] = field(default_factory=dict)
+    """Dictionary position → (flat token indices (n,), the op's codes and block outputs)."""
 
 
-def _summaries(sae: SAE, u: torch.Tensor, k: int, columns: list[int]
+def _summaries(codes: Codes, d_sae: int, k: int, columns: list[int]
                ) -> tuple[list[list[int]], list[list[float]], list[list[float]]]:
     """Top-``k`` ids and values and the codes of ``columns``, per token, as lists.
 
-    A TopK SAE is read from its sparse codes (N, k_sae): no dense (N, d_sae) tensor."""
-    if type(sae) is TopKSAE and k <= sae.config.k:
-        codes = sae.encode_sparse(u)                                       # (N, k_sae)
+    Sparse codes (N, k_sae) are read as they are (no dense (N, d_sae) tensor) unless more than
+    ``k_sae`` features are asked for."""
+    if isinstance(codes, SparseCodes) and k <= codes.values.shape[1]:
         top = codes.values.topk(k)
         ids = codes.indices.gather(1, top.indices)
         cols = torch.tensor(columns, dtype=torch.long)
         match = codes.indices.unsqueeze(1) == cols.view(1, -1, 1)          # (N, C, k_sae)
         picked = (codes.values.unsqueeze(1) * match).sum(-1)
         return ids.tolist(), top.values.tolist(), picked.tolist()
-    z = sae.encode(u)                                                      # (N, d_sae)
+    z = codes
+    if isinstance(z, SparseCodes):
+        z = torch.zeros(len(z.values), d_sae, dtype=z.values.dtype).scatter_(
+            1, z.indices, z.values)                                         # (N, d_sae)
     top = z.topk(k)
     return top.indices.tolist(), top.values.tolist(), z[:, columns].tolist()
 
@@ -141,20 +146,25 @@ class Monitor:
         return {key: self.take(key, wait=False) for key in keys}
 
     @staticmethod
-    def _records(step: StepCapture, layer: int, sae: SAE, u: torch.Tensor, rows: torch.Tensor,
+    def _records(step: StepCapture, layer: int, d_sae: int, capture: LayerCapture,
                  idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
                  firsts: np.ndarray) -> list[dict[str, Any]]:
-        """Records of the ``wanted`` tokens from their SAE inputs ``u`` (n_wanted, d_in).
+        """Records of the ``wanted`` captured tokens.
 
-        One encode, one ``topk`` and one gather for all tokens, then plain lists (per-token
-        tensor calls would cost more than the encode at decode batch sizes).
+        One ``topk`` and one gather for all tokens, then plain lists (per-token tensor calls
+        would cost more than the whole step at decode batch sizes).
         """
         chosen = [specs[row] for row in wanted.tolist()]
         k = max(s.top_k for s in chosen)
         columns = sorted({f for s in chosen for f in s.watch}
                          | {t.feature for s in chosen for t in s.thresholds if t.layer == layer})
         column = {f: c for c, f in enumerate(columns)}
-        top_ids, top_values, picked = _summaries(sae, u, k, columns)
+        codes = capture.codes
+        if len(chosen) < len(specs):
+            take = torch.from_numpy(wanted)
+            codes = (SparseCodes(codes.indices[take], codes.values[take])
+                     if isinstance(codes, SparseCodes) else codes[take])
+        top_ids, top_values, picked = _summaries(codes, d_sae, k, columns)
         records: list[dict[str, Any]] = []
         for n, (row, spec) in enumerate(zip(wanted.tolist(), chosen, strict=True)):
             j = int(req[row])
@@ -166,7 +176,7 @@ class Monitor:
             if spec.watch:
                 record["watch"] = [picked[n][column[f]] for f in spec.watch]
             if spec.raw:
-                record["raw"] = rows[row].tolist()
+                record["raw"] = capture.h[row].tolist()
             events = [[t.feature, value, t.value] for t in spec.thresholds
                       if t.layer == layer and (value := picked[n][column[t.feature]]) >= t.value]
             if events:
@@ -179,7 +189,7 @@ class Monitor:
             step = self._queue.get()
             try:
                 if isinstance(step, StepCapture):
-                    self._encode(step)
+                    self._summarize(step)
                     continue
                 if isinstance(step, _Discard):
                     key = step.key
@@ -205,31 +215,20 @@ class Monitor:
                 self._queue.task_done()
 
     @torch.no_grad()
-    def _encode(self, step: StepCapture) -> None:
-        """Encode one step, one batched SAE call per layer over every monitored token."""
+    def _summarize(self, step: StepCapture) -> None:
+        """Records of one step, one batched summary per layer over every monitored token."""
         ends = np.cumsum(step.counts)
         firsts = ends - step.counts
         records: list[dict[str, Any]] = []
-        for i, (idx, rows) in sorted(step.layers.items()):
+        for i, (idx, capture) in sorted(step.layers.items()):
             layer = self.resae.layers[i]
             req = np.searchsorted(ends, idx, side="right")                        # (n,)
             specs = [self.specs.get(step.keys[j], MonitorSpec()) for j in req.tolist()]
             wanted = np.array([layer in s.layers for s in specs], dtype=bool)
             if not wanted.any():
-                continue                      # captured only as the next layer's h_prev
-            h_prev = None
-            if i and self.resae.mode == "resae":
-                prev_idx, prev_rows = step.layers[i - 1]    # a superset of idx, both sorted
-                at = np.minimum(np.searchsorted(prev_idx, idx), len(prev_idx) - 1)
-                if not np.array_equal(prev_idx[at], idx):
-                    raise RuntimeError(f"layer {layer}: previous layer not captured")
-                h_prev = prev_rows[torch.from_numpy(at)].float()
-            keep = np.flatnonzero(wanted)
-            take = torch.from_numpy(keep)
-            u = self.resae.sae_input(i, rows[take].float(),
-                                     None if h_prev is None else h_prev[take])
-            records += self._records(step, layer, self.resae.saes[i], u, rows, idx, keep, req,
-                                     specs, firsts)
+                continue
+            records += self._records(step, layer, self.resae.saes[i].config.d_sae, capture, idx,
+                                     np.flatnonzero(wanted), req, specs, firsts)
         with self._lock:
             for record in records:
                 seen = (record["key"], record["layer"])

@@ -14,6 +14,8 @@ token counts change per step); that is the supported GPU configuration of this h
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from resae_serve.engine.tables import SteeringTables
@@ -36,7 +38,9 @@ def current_tables() -> SteeringTables | None:
 def steer(hidden_states: torch.Tensor, residual: torch.Tensor, layer_index: int) -> None:
     """Apply this step's interventions at dictionary layer ``layer_index`` (in place)."""
     if _tables is not None:
+        start = time.perf_counter()
         _tables.apply(layer_index, hidden_states, residual)
+        _tables.op_seconds += time.perf_counter() - start
 
 
 def _steer_fake(hidden_states: torch.Tensor, residual: torch.Tensor, layer_index: int) -> None:

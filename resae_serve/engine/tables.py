@@ -7,45 +7,80 @@ Per dictionary layer ``i`` (rows ``r``; row 0 = no intervention, never written):
     needs_encode[i, r]   host bool: the row has a slot that reads the feature's value
 
 Each step the host writes one row index per token of the flat batch (``token_rows``) and, per
-layer, the flat positions of tokens that need encoding or capturing. :meth:`SteeringTables.apply`
-then, at layer ``i`` with block output ``h = hidden + residual`` (vLLM defers the residual add)::
+layer, the flat positions of tokens that need encoding (a slot reads a feature's value, or the
+request monitors the layer). :meth:`SteeringTables.apply` then, at layer ``i`` with block output
+``h = hidden + residual`` (vLLM defers the residual add)::
 
-    z      = SAE_i.encode(u_i(h, h_prev))          only tokens whose row needs it
+    pre    = SAE_i.pre_acts(u_i(h, h_prev))        one GEMM per layer for steering and monitoring
+    z      = SAE_i.activate(pre)
     δ      = add_vec[i, row] + σ_i Σ_e coef(z[f_e], op_e, v_e) W_dec[f_e]   (feature_delta)
     hidden += δ                                    so the block output becomes h + δ
 
 which is :meth:`resae_serve.resae.ReSAE.intervention_delta` with the add edits folded into
 ``add_vec``. ``h_prev`` is the previous dictionary layer's block output in the same pass, after
 that layer's edits (what the stream actually carried), kept in the persistent ``h_buf``.
-All tensors are allocated once, at construction (before vLLM's warm-up and compilation).
+
+Monitoring reports the codes of the edited block output ``h + δ``. ``u`` is affine in ``h``, so
+its pre-activations are ``pre + (δ/σ_i) W_enc``: a rank-(1 + E) update from vectors computed once
+per row when the row is written (``add_vec/σ_i · W_enc`` and ``W_dec[f_e] · W_enc`` per slot),
+instead of a second encode GEMM. Tokens without edits at the layer report ``z`` itself.
+
+Tables are allocated once, at construction (before vLLM's warm-up and compilation); the pool of
+update vectors grows on the host when a new row needs more room (never inside the op).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from resae_serve.engine.gemm import pre_acts_fn
 from resae_serve.engine.spec import MAX_EDITS_PER_LAYER, SteerEdit, SteeringSpec, SteerVector
 from resae_serve.errors import ResaeError
 from resae_serve.interventions import EditOp, edit_coefficients
 from resae_serve.resae import ReSAE
-from resae_serve.saes.base import SAE
+from resae_serve.saes.base import SAE, SparseCodes
 from resae_serve.saes.topk import TopKSAE
 
 logger = logging.getLogger(__name__)
 
 
-def _codes_at(sae: SAE, u: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-    """Codes ``z[n, feature[n, e]]`` (N, E) without the dense (N, d_sae) code tensor for TopK
-    (no zero-fill and scatter of ``d_sae`` columns per token)."""
-    if type(sae) is TopKSAE:           # subclasses may encode differently
-        codes = sae.encode_sparse(u)                                           # (N, k)
+Codes = SparseCodes | torch.Tensor
+"""A layer's codes: sparse ``(N, k)`` for TopK SAEs, dense ``(N, d_sae)`` otherwise."""
+
+
+def activate(sae: SAE, pre: torch.Tensor) -> Codes:
+    """Codes from pre-activations; TopK stays sparse (no zero-fill and scatter of ``d_sae``
+    columns per token)."""
+    return sae.activate_sparse(pre) if type(sae) is TopKSAE else sae.activate(pre)
+
+
+def codes_at(codes: Codes, feature: torch.Tensor) -> torch.Tensor:
+    """Codes ``z[n, feature[n, e]]`` (N, E)."""
+    if isinstance(codes, SparseCodes):
         match = codes.indices.unsqueeze(1) == feature.unsqueeze(2)             # (N, E, k)
         return (codes.values.unsqueeze(1) * match).sum(-1)
-    return sae.encode(u).gather(1, feature)
+    return codes.gather(1, feature)
+
+
+def select_codes(codes: Codes, index: torch.Tensor) -> Codes:
+    if isinstance(codes, SparseCodes):
+        return SparseCodes(codes.indices.index_select(0, index),
+                           codes.values.index_select(0, index))
+    return codes.index_select(0, index)
+
+
+class LayerCapture(NamedTuple):
+    """What one layer's op hands the monitor for its captured tokens."""
+
+    codes: Codes
+    """Codes of the edited block output."""
+    h: torch.Tensor
+    """(n, d) edited block output (for ``raw`` monitoring)."""
 
 
 class TablesFullError(ResaeError):
@@ -83,16 +118,28 @@ class SteeringTables:
         self.edit_value = torch.zeros(n_layers, max_rows, E)
         self.needs_encode = np.zeros((n_layers, max_rows), dtype=bool)
         self.has_add = np.zeros((n_layers, max_rows), dtype=bool)
+        self.n_slots = np.zeros((n_layers, max_rows), dtype=np.int64)
+        # monitoring: pre-activation updates per row, (1 + E) pool entries per layer and row
+        self.pre_shift_idx = torch.zeros(n_layers, max_rows, 1 + E, dtype=torch.long)
+        self._pre_shift_pool = [torch.zeros(1 + max_rows, sae.config.d_sae, dtype=torch.float32)
+                                for sae in resae.saes]              # entry 0 stays zero
+        self._pre_shift_free = [list(range(max_rows, 0, -1)) for _ in resae.saes]
         self.token_rows = torch.zeros(max_tokens, dtype=torch.long)                   # (T,)
         self._token_rows_np = self.token_rows.numpy()
         self.encode_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)         # (L, T)
         self.capture_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)
+        self.capture_pos = torch.zeros(n_layers, max_tokens, dtype=torch.long)   # in encode_idx
         self.n_encode = [0] * n_layers
         self.n_capture = [0] * n_layers
         self.layer_add = [False] * n_layers
+        self.layer_slots = [False] * n_layers         # some encoded token has a reading slot
+        self.capture_edited = [False] * n_layers      # some captured token's row edits here
+        self.capture_slots = [0] * n_layers           # most slots of a captured token's row
         self.h_buf = torch.zeros(n_layers, max_tokens, d, dtype=dtype)               # (L, T, d)
         self.active = False
-        self.captures: list[torch.Tensor | None] = [None] * n_layers
+        self.op_seconds = 0.0                     # time inside the op (resae_stats)
+        self._pre_acts = [pre_acts_fn(sae) for sae in resae.saes]
+        self.captures: list[LayerCapture | None] = [None] * n_layers
         self._rows: dict[str, _Row] = {}          # row content hash -> row
         self._free = list(range(max_rows - 1, 0, -1))
         self._requests: dict[str, tuple[RequestRows, tuple[str, str]]] = {}
@@ -140,6 +187,34 @@ class SteeringTables:
             self.add_vec[i, r] = add.to(self.add_vec.dtype)
             self.needs_encode[i, r] = slot > 0
             self.has_add[i, r] = bool(add.abs().sum() > 0)
+            self.n_slots[i, r] = slot
+            self._write_pre_shifts(i, r, add / scale)
+
+    def _write_pre_shifts(self, i: int, r: int, add_u: torch.Tensor) -> None:
+        """Pre-activation change per unit of each edit of row ``r`` at layer ``i``: entry 0 for
+        the add vector (in SAE-input units), entry ``1 + e`` for slot ``e``'s decoder row."""
+        sae = self.resae.saes[i]
+        W_enc = sae.W_enc.detach().double()
+        vectors: list[torch.Tensor | None] = [add_u if self.has_add[i, r] else None]
+        vectors += [sae.W_dec[int(f)].detach().double()
+                    for f in self.edit_feature[i, r, : int(self.n_slots[i, r])]]
+        for c, vec in enumerate(vectors):
+            if vec is None:
+                continue
+            entry = self._pre_shift_entry(i)
+            self._pre_shift_pool[i][entry] = (vec @ W_enc).float()
+            self.pre_shift_idx[i, r, c] = entry
+
+    def _pre_shift_entry(self, i: int) -> int:
+        free = self._pre_shift_free[i]
+        if not free:                       # on the host, between steps: grow by doubling
+            pool = self._pre_shift_pool[i]
+            grown = torch.zeros(2 * len(pool), pool.shape[1], dtype=pool.dtype)
+            grown[: len(pool)] = pool
+            free.extend(range(len(grown) - 1, len(pool) - 1, -1))
+            self._pre_shift_pool[i] = grown
+            logger.debug("layer %d: pre-activation update pool grown to %d", i, len(grown))
+        return free.pop()
 
     def _release_row(self, key: str) -> None:
         row = self._rows.get(key)
@@ -152,6 +227,10 @@ class SteeringTables:
             self.edit_op[:, row.index].zero_()
             self.needs_encode[:, row.index] = False
             self.has_add[:, row.index] = False
+            self.n_slots[:, row.index] = 0
+            for i, free in enumerate(self._pre_shift_free):
+                free.extend(e for e in self.pre_shift_idx[i, row.index].tolist() if e)
+            self.pre_shift_idx[:, row.index] = 0
             self._free.append(row.index)
 
     def claim(self, req_id: str, spec: SteeringSpec | None) -> RequestRows:
@@ -172,8 +251,6 @@ class SteeringTables:
                 self._release_row(k1)
                 raise
             monitor = {self.layers.index(layer) for layer in spec.monitor.layers}
-            if self.resae.mode == "resae":   # residual codes also read the previous layer
-                monitor |= {i - 1 for i in monitor if i}
             rows, keys = RequestRows(prompt, generation, tuple(sorted(monitor))), (k1, k2)
         self._requests[req_id] = (rows, keys)
         return rows
@@ -220,15 +297,31 @@ class SteeringTables:
         self._token_rows_np[:total] = token_rows
         self._token_rows_np[total:n_tokens] = 0
         for i in range(len(self.layers)):
-            enc = np.flatnonzero(self.needs_encode[i][token_rows])
-            self.n_encode[i] = len(enc)
-            self.encode_idx[i, : len(enc)] = torch.from_numpy(enc)
-            self.layer_add[i] = bool(self.has_add[i][token_rows].any())
+            slots = self.needs_encode[i][token_rows]                               # (total,)
             wanted = np.array([i in r.monitor_layers for r in rows], dtype=bool)
-            cap = np.flatnonzero(wanted[tok_req]) if wanted.any() else enc[:0]
-            self.n_capture[i] = len(cap)
+            monitored = wanted[tok_req] if wanted.any() else np.zeros(total, dtype=bool)
+            enc = np.flatnonzero(slots | monitored)
+            cap = np.flatnonzero(monitored)
+            self.n_encode[i], self.n_capture[i] = len(enc), len(cap)
+            self.encode_idx[i, : len(enc)] = torch.from_numpy(enc)
             self.capture_idx[i, : len(cap)] = torch.from_numpy(cap)
+            self.capture_pos[i, : len(cap)] = torch.from_numpy(np.flatnonzero(monitored[enc]))
+            self.layer_add[i] = bool(self.has_add[i][token_rows].any())
+            self.layer_slots[i] = bool(slots.any())
+            cap_rows = token_rows[cap]
+            self.capture_edited[i] = bool((self.has_add[i][cap_rows]
+                                           | self.needs_encode[i][cap_rows]).any())
+            self.capture_slots[i] = int(self.n_slots[i][cap_rows].max()) if len(cap) else 0
         self.active = True
+
+    def take_captures(self) -> dict[int, tuple[np.ndarray, LayerCapture]]:
+        """This pass's captures by dictionary position, with their flat token indices."""
+        out = {}
+        for i, capture in enumerate(self.captures):
+            if capture is not None:
+                out[i] = (self.capture_idx[i, : self.n_capture[i]].numpy().copy(), capture)
+                self.captures[i] = None
+        return out
 
     def deactivate(self) -> None:
         self.active = False
@@ -237,38 +330,73 @@ class SteeringTables:
 
     @torch.no_grad()
     def apply(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        """Edit ``hidden`` in place so that ``hidden + residual`` becomes ``h + δ`` (layer i)."""
+        """Edit ``hidden`` in place so that ``hidden + residual`` becomes ``h + δ`` (layer i);
+        leave the codes of monitored tokens in ``captures[i]``."""
         self.captures[i] = None
         if not self.active:
             return
         n = hidden.shape[0]
         h = torch.add(hidden, residual, out=self.h_buf[i, :n])                    # (n, d)
-        ne = self.n_encode[i]
         delta = (self.add_vec[i].index_select(0, self.token_rows[:n])             # (n, d)
                  if self.layer_add[i] else None)
-        if ne:
-            whole = ne == n                    # decode steps: every token, no gather/scatter
-            idx = self.encode_idx[i, :ne]                                          # (ne,)
-            h_prev = self.h_buf[i - 1, :n] if i else None
-            if not whole:
-                h_prev = None if h_prev is None else h_prev.index_select(0, idx)
-            rows = self.token_rows[:n] if whole else self.token_rows.index_select(0, idx)
-            feature = self.edit_feature[i].index_select(0, rows)                  # (ne, E)
-            u = self.resae.sae_input(i, (h if whole else h.index_select(0, idx)).float(),
-                                     None if h_prev is None else h_prev.float())
-            z_at = _codes_at(self.resae.saes[i], u, feature)                      # (ne, E)
-            coef = edit_coefficients(z_at, self.edit_op[i].index_select(0, rows),
+        codes = None
+        if self.n_encode[i]:
+            delta, codes = self._encode(i, hidden, h, delta)
+        if delta is not None:
+            hidden.add_(delta)
+            h.add_(delta)
+        if codes is not None:
+            self.captures[i] = LayerCapture(
+                codes, h.index_select(0, self.capture_idx[i, : self.n_capture[i]]))
+
+    def _encode(self, i: int, hidden: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None
+                ) -> tuple[torch.Tensor | None, Codes | None]:
+        """One encode of the tokens that need it: slot deltas (added to ``delta``, or to
+        ``hidden`` and ``h`` directly when only some tokens are encoded) and the codes of the
+        captured tokens after this layer's edits."""
+        n, ne = hidden.shape[0], self.n_encode[i]
+        whole = ne == n                        # decode steps: every token, no gather/scatter
+        idx = self.encode_idx[i, :ne]                                              # (ne,)
+        h_prev = self.h_buf[i - 1, :n] if i else None
+        if not whole:
+            h_prev = None if h_prev is None else h_prev.index_select(0, idx)
+        rows = self.token_rows[:n] if whole else self.token_rows.index_select(0, idx)
+        sae = self.resae.saes[i]
+        u = self.resae.sae_input(i, (h if whole else h.index_select(0, idx)).float(),
+                                 None if h_prev is None else h_prev.float())
+        pre = self._pre_acts[i](u.to(sae.W_enc.dtype))                            # (ne, d_sae)
+        codes = activate(sae, pre)
+        coef = None
+        if self.layer_slots[i]:
+            feature = self.edit_feature[i].index_select(0, rows)                   # (ne, E)
+            coef = edit_coefficients(codes_at(codes, feature),
+                                     self.edit_op[i].index_select(0, rows),
                                      self.edit_value[i].index_select(0, rows))
             delta_enc = (self.resae.scales[i] * torch.einsum(
-                "ne,ned->nd", coef, self.resae.saes[i].W_dec[feature])).to(hidden.dtype)
+                "ne,ned->nd", coef, sae.W_dec[feature])).to(hidden.dtype)
             if whole:
                 delta = delta_enc if delta is None else delta.add_(delta_enc)
             else:
                 hidden.index_add_(0, idx, delta_enc)
                 h.index_add_(0, idx, delta_enc)
-        if delta is not None:
-            hidden.add_(delta)
-            h.add_(delta)
         nc = self.n_capture[i]
-        if nc:
-            self.captures[i] = h.index_select(0, self.capture_idx[i, :nc])         # a copy
+        if not nc:
+            return delta, None
+        every = nc == ne
+        pos = self.capture_pos[i, :nc]
+        if not self.capture_edited[i]:
+            return delta, codes if every else select_codes(codes, pos)
+        if not every:
+            rows, pre = rows.index_select(0, pos), pre.index_select(0, pos)
+            coef = None if coef is None else coef.index_select(0, pos)
+        return delta, activate(sae, pre + self._pre_shift(i, rows, coef))
+
+    def _pre_shift(self, i: int, rows: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
+        """Change of the captured tokens' pre-activations from this layer's edits (nc, d_sae)."""
+        pool, used = self._pre_shift_pool[i], self.capture_slots[i]
+        entries = self.pre_shift_idx[i].index_select(0, rows)                     # (nc, 1+E)
+        if coef is None or not used:
+            return pool.index_select(0, entries[:, 0])
+        weights = torch.cat([torch.ones_like(coef[:, :1]), coef[:, :used]], dim=1)  # (nc, 1+s)
+        vectors = pool[entries[:, : 1 + used]]                                    # (nc, 1+s, d_sae)
+        return torch.bmm(weights.unsqueeze(1), vectors).squeeze(1)

@@ -67,10 +67,15 @@ class ResaeWorkerExtension:
                 "d_sae": [int(sae.W_dec.shape[0]) for sae in tables.resae.saes],
                 "max_configs": (tables.max_rows - 1) // 2}
 
-    def resae_stats(self) -> dict[str, int]:
+    def resae_stats(self) -> dict[str, float]:
+        """Counters: table rows and requests, monitor health, and the time split of the forward
+        passes since start (``forward_s`` in all, ``hook_host_s`` on the host, ``op_s`` in the
+        op at every layer)."""
         hook = _hook()
         return {"rows_in_use": hook.tables.rows_in_use,
                 "requests": len(hook.tables.known_requests()),
                 "rejected": hook.rejected, "monitor_stalled_steps": hook.monitor.stalled_steps,
                 "monitor_recomputed": hook.monitor.recomputed,
-                "monitor_stored_requests": hook.monitor.stored_keys}
+                "monitor_stored_requests": hook.monitor.stored_keys,
+                "steps": hook.times.steps, "forward_s": hook.times.forward_seconds,
+                "hook_host_s": hook.times.host_seconds, "op_s": hook.tables.op_seconds}

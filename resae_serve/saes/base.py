@@ -105,16 +105,27 @@ class SAE(nn.Module, ABC):
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     @abstractmethod
+    def activate(self, pre: Tensor) -> Tensor:
+        """Dense codes from pre-activations: (N, d_sae) -> (N, d_sae). Per token."""
+
+    def activate_sparse(self, pre: Tensor) -> SparseCodes:
+        """The ``config.k`` largest codes of each token from its pre-activations (N, d_sae).
+
+        Architectures without a fixed k (ReLU, JumpReLU) are truncated to k.
+        """
+        values, indices = self.activate(pre).topk(self.config.k, dim=-1)
+        return SparseCodes(indices, values)
+
     def encode(self, x: Tensor) -> Tensor:
         """Dense post-activation codes: (N, d_in) -> (N, d_sae). Per token, never batch-wide."""
+        return self.activate(self.pre_acts(x))
 
     def encode_sparse(self, x: Tensor) -> SparseCodes:
         """The ``config.k`` largest codes of each token: (N, d_in) -> (N, k) indices and values.
 
         Per token only. Architectures without a fixed k (ReLU, JumpReLU) are truncated to k.
         """
-        values, indices = self.encode(x).topk(self.config.k, dim=-1)
-        return SparseCodes(indices, values)
+        return self.activate_sparse(self.pre_acts(x))
 
     # ----------------------------------------------------------------------------- decode
     def decode(self, z: Tensor) -> Tensor:

@@ -41,9 +41,9 @@ class BatchTopKSAE(SAE):
         self.register_buffer("num_threshold_updates",
                              torch.zeros((), dtype=torch.int64, device=device))
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Per-token inference encoding with the learned threshold: (N, d_in) -> (N, d_sae)."""
-        return jump_relu(self.pre_acts(x), self.threshold)
+    def activate(self, pre: Tensor) -> Tensor:
+        """Per-token inference activation with the learned threshold: (N, d_sae) -> (N, d_sae)."""
+        return jump_relu(pre, self.threshold)
 
     def encode_batch(self, x: Tensor) -> Tensor:
         """Training-time encoding: the ``k * N`` largest activations of the batch (N, d_sae)."""

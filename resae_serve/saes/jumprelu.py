@@ -32,9 +32,9 @@ class JumpReLUSAE(SAE):
         super().__init__(config, dtype=dtype, device=device)
         self.register_buffer("threshold", torch.zeros(config.d_sae, dtype=dtype, device=device))
 
-    def encode(self, x: Tensor) -> Tensor:
-        """(N, d_in) -> dense (N, d_sae), nonzero where ``pre > threshold``."""
-        return jump_relu(self.pre_acts(x), self.threshold)
+    def activate(self, pre: Tensor) -> Tensor:
+        """(N, d_sae) -> dense (N, d_sae), nonzero where ``pre > threshold``."""
+        return jump_relu(pre, self.threshold)
 
     def training_step(self, x: Tensor, dead_mask: Tensor | None = None) -> TrainStepOutput:
         """Not supported: JumpReLU is the inference form here."""

@@ -19,9 +19,9 @@ class ReLUSAE(SAE):
 
     architecture = "relu"
 
-    def encode(self, x: Tensor) -> Tensor:
-        """(N, d_in) -> dense (N, d_sae) ReLU codes."""
-        return self.pre_acts(x).relu()
+    def activate(self, pre: Tensor) -> Tensor:
+        """(N, d_sae) -> dense (N, d_sae) ReLU codes."""
+        return pre.relu()
 
     def training_step(self, x: Tensor, dead_mask: Tensor | None = None) -> TrainStepOutput:
         """See :meth:`SAE.training_step`; ``dead_mask`` is ignored (no AuxK)."""

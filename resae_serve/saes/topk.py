@@ -19,13 +19,13 @@ class TopKSAE(SAE):
 
     architecture = "topk"
 
-    def encode_sparse(self, x: Tensor) -> SparseCodes:
-        """(N, d_in) -> (N, k) codes; values 0 where fewer than k pre-activations are > 0."""
-        return self._topk(self.pre_acts(x))
+    def activate_sparse(self, pre: Tensor) -> SparseCodes:
+        """(N, d_sae) -> (N, k) codes; values 0 where fewer than k pre-activations are > 0."""
+        return self._topk(pre)
 
-    def encode(self, x: Tensor) -> Tensor:
-        """(N, d_in) -> dense (N, d_sae) with at most k nonzeros per token."""
-        codes = self.encode_sparse(x)
+    def activate(self, pre: Tensor) -> Tensor:
+        """(N, d_sae) -> dense (N, d_sae) with at most k nonzeros per token."""
+        codes = self.activate_sparse(pre)
         z = torch.zeros(*codes.values.shape[:-1], self.config.d_sae,
                         dtype=codes.values.dtype, device=codes.values.device)
         return z.scatter_(-1, codes.indices, codes.values)

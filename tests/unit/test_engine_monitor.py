@@ -1,4 +1,5 @@
-"""The worker's monitor against ``ReSAE.encode_dense``: top-k, watch, thresholds, recompute."""
+"""The worker's monitor fed by the real op (``SteeringTables.apply``) against
+``ReSAE.encode_dense``: top-k, watch, thresholds, edited activations, recompute."""
 
 from __future__ import annotations
 
@@ -7,46 +8,68 @@ import pytest
 import torch
 
 from resae_serve.engine.monitor import Monitor, StepCapture
-from resae_serve.engine.spec import MonitorSpec, Threshold
-from tests.unit.resae_fixtures import LAYERS, tiny_acts, tiny_resae
+from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector, Threshold
+from resae_serve.engine.tables import SteeringTables
+from resae_serve.resae import ReSAE
+from tests.unit.resae_fixtures import D_MODEL, LAYERS, tiny_acts, tiny_resae
 
 
-def _step(acts: dict[int, torch.Tensor]) -> StepCapture:
-    n = len(acts[LAYERS[0]])
-    idx = np.arange(n)
-    return StepCapture(keys=["a"], counts=np.array([n]), starts=np.array([0]),
-                       layers={i: (idx, acts[layer].clone()) for i, layer in enumerate(LAYERS)})
+def _op_step(resae: ReSAE, specs: dict[str, SteeringSpec | None], counts: list[int],
+             acts: dict[int, torch.Tensor]) -> tuple[StepCapture, dict[int, torch.Tensor]]:
+    """One forward pass through the op: the monitor's input and the edited block outputs."""
+    n = sum(counts)
+    tables = SteeringTables(resae, max_tokens=n, max_rows=9)
+    rows = [tables.claim(key, spec) for key, spec in specs.items()]
+    starts = np.zeros(len(counts), dtype=np.int64)
+    tables.prepare_step(n, rows, np.array(counts), starts, np.array(counts))
+    edited = {}
+    for i, layer in enumerate(LAYERS):
+        residual = torch.zeros(n, D_MODEL)    # the block output exactly (tables tests split it)
+        hidden = acts[layer].clone()
+        tables.apply(i, hidden, residual)
+        edited[layer] = hidden + residual
+    step = StepCapture(keys=list(specs), counts=np.array(counts), starts=starts,
+                       layers=tables.take_captures())
+    return step, edited
+
+
+def _step(resae: ReSAE, acts: dict[int, torch.Tensor], spec: MonitorSpec) -> StepCapture:
+    return _op_step(resae, {"a": SteeringSpec(monitor=spec, key="a")},
+                    [len(acts[LAYERS[0]])], acts)[0]
 
 
 @pytest.mark.parametrize("architecture", ["topk", "jumprelu"])   # sparse and dense paths
 def test_records_match_resae_encode_and_raise_threshold_events(architecture: str) -> None:
     resae, acts = tiny_resae("resae", architecture), tiny_acts(5)
-    z = resae.encode_dense(acts)[LAYERS[1]]                                   # (5, d_sae)
+    with torch.no_grad():
+        z = resae.encode_dense(acts)[LAYERS[1]]                               # (5, d_sae)
     feature = int(z[2].argmax())
-    threshold = float(z[2, feature])
+    threshold = float(z[2, feature]) - 1e-3     # fires on token 2 despite rounding
     monitor = Monitor(resae)
-    monitor.register("a", MonitorSpec((LAYERS[1],), top_k=3, watch=(feature,),
-                                      thresholds=(Threshold(LAYERS[1], feature, threshold),)))
-    monitor.submit(_step(acts))
+    spec = MonitorSpec((LAYERS[1],), top_k=3, watch=(feature,),
+                       thresholds=(Threshold(LAYERS[1], feature, threshold),))
+    monitor.register("a", spec)
+    monitor.submit(_step(resae, acts, spec))
     records = monitor.take("a")
     assert [(r["position"], r["layer"]) for r in records] == [(p, LAYERS[1]) for p in range(5)]
     for p, r in enumerate(records):
         values, ids = z[p].topk(3)
         assert r["top_k"][0] == ids.tolist()
-        torch.testing.assert_close(torch.tensor(r["top_k"][1]), values, atol=1e-6, rtol=0)
-        assert r["watch"] == [z[p, feature].item()]
-        fired = z[p, feature].item() >= threshold
+        torch.testing.assert_close(torch.tensor(r["top_k"][1]), values, atol=1e-5, rtol=0)
+        assert r["watch"] == [pytest.approx(z[p, feature].item(), abs=1e-5)]
+        fired = r["watch"][0] >= threshold               # events read the reported values
         assert ("events" in r) == fired
         if fired:
-            assert r["events"] == [[feature, z[p, feature].item(), threshold]]
+            assert r["events"] == [[feature, r["watch"][0], threshold]]
+    assert "events" in records[2]
 
 
 def test_recomputed_positions_are_counted_and_kept_once() -> None:
     resae, acts = tiny_resae(), tiny_acts(4)
-    monitor = Monitor(resae)
-    monitor.register("a", MonitorSpec((LAYERS[0],), top_k=1))
-    monitor.submit(_step(acts))
-    monitor.submit(_step(acts))           # the same positions again, as after a preemption
+    monitor, spec = Monitor(resae), MonitorSpec((LAYERS[0],), top_k=1)
+    monitor.register("a", spec)
+    monitor.submit(_step(resae, acts, spec))
+    monitor.submit(_step(resae, acts, spec))  # the same positions again, as after a preemption
     records = monitor.take("a")
     assert monitor.recomputed == 4 and [r["position"] for r in records] == [0, 1, 2, 3]
     monitor.finish("a")
@@ -56,12 +79,12 @@ def test_recomputed_positions_are_counted_and_kept_once() -> None:
 
 def test_a_reused_key_is_monitored_again_after_finish() -> None:
     resae, acts = tiny_resae(), tiny_acts(3)
-    monitor = Monitor(resae)
-    monitor.register("a", MonitorSpec((LAYERS[0],), top_k=1))
-    monitor.submit(_step(acts))
+    monitor, spec = Monitor(resae), MonitorSpec((LAYERS[0],), top_k=1)
+    monitor.register("a", spec)
+    monitor.submit(_step(resae, acts, spec))
     monitor.finish("a")                   # the request left; the next one has the same key
-    monitor.register("a", MonitorSpec((LAYERS[0],), top_k=1))
-    monitor.submit(_step(acts))
+    monitor.register("a", spec)
+    monitor.submit(_step(resae, acts, spec))
     assert len(monitor.take("a")) == 3 and monitor.recomputed == 0
 
 
@@ -70,16 +93,55 @@ def test_a_discarded_request_leaves_nothing_in_the_store(finished_first: bool) -
     """An aborted request's results are dropped, also those of steps encoded after the
     discard and before the engine let the request go (or after, if it already had)."""
     resae, acts = tiny_resae(), tiny_acts(3)
-    monitor = Monitor(resae)
-    monitor.register("a", MonitorSpec((LAYERS[0],), top_k=1))
-    monitor.submit(_step(acts))
+    monitor, spec = Monitor(resae), MonitorSpec((LAYERS[0],), top_k=1)
+    monitor.register("a", spec)
+    monitor.submit(_step(resae, acts, spec))
     if finished_first:
         monitor.finish("a")
         monitor.discard("a")
     else:
         monitor.discard("a")
-        monitor.submit(_step(acts))       # still in the engine: one more step arrives
+        monitor.submit(_step(resae, acts, spec))  # still in the engine: one more step arrives
         monitor.flush()
         monitor.finish("a")
     monitor.flush()
     assert monitor.stored_keys == 0 and monitor.take("a") == []
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_steered_tokens_report_the_codes_of_their_edited_activations(architecture: str) -> None:
+    """The op's rank update of the pre-activations equals encoding the edited block output
+    (with the edited previous layer) from scratch; unsteered tokens of the same pass report
+    their clean codes."""
+    resae, acts = tiny_resae("resae", architecture), tiny_acts(6)
+    clean_z = resae.encode_dense(acts)[LAYERS[1]]
+    feature = int(clean_z[4].argmax())
+    vector = tuple(float(x) for x in torch.linspace(-1, 1, D_MODEL))
+    monitor = MonitorSpec(LAYERS, top_k=4, watch=(feature, 3))
+    steered = SteeringSpec(edits=(SteerEdit(LAYERS[0], 1, "add", 2.0),
+                                  SteerEdit(LAYERS[1], feature, "clamp", 3.0),
+                                  SteerEdit(LAYERS[1], 3, "scale", 2.0),
+                                  SteerEdit(LAYERS[1], 5, "ablate"),
+                                  SteerEdit(LAYERS[1], 7, "add", 1.5)),
+                           vectors=(SteerVector(LAYERS[1], vector),), monitor=monitor, key="s")
+    specs = {"c": SteeringSpec(monitor=monitor, key="c"), "s": steered,
+             "u": None}                                         # 2 + 3 + 1 tokens
+    step, edited = _op_step(resae, specs, [2, 3, 1], acts)
+    mon = Monitor(resae)
+    mon.register("c", monitor)
+    mon.register("s", monitor)
+    mon.submit(step)
+    want = resae.encode_dense(edited)
+    for key, rows in (("c", range(0, 2)), ("s", range(2, 5))):
+        records = mon.take(key)
+        assert [(r["position"], r["layer"]) for r in records] == [
+            (p, layer) for p in range(len(rows)) for layer in LAYERS]
+        for r in records:
+            z = want[r["layer"]][rows[r["position"]]]
+            values, ids = z.topk(4)
+            assert r["top_k"][0] == ids.tolist()
+            torch.testing.assert_close(torch.tensor(r["top_k"][1]), values, atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(r["watch"]), z[[feature, 3]],
+                                       atol=1e-5, rtol=0)
+    assert not torch.equal(want[LAYERS[1]][2:5], clean_z[2:5])   # the edits changed the codes
+    torch.testing.assert_close(want[LAYERS[1]][:2], clean_z[:2], atol=1e-6, rtol=0)
