@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -193,6 +194,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--configs", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians")
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--no-append", action="store_true")
     parser.add_argument("--profile", action="store_true", help="time the hook's pieces only")
@@ -212,22 +214,22 @@ def main() -> None:
                     enforce_eager=args.eager)
     _run(llm, "both", 2, 2, 4)  # warm the monitor thread and the first shapes
     rows = []
-
-    def row(batch: int, kind: str, configs: str, m: Measured, plain: float) -> str:
-        return (f"| {batch} | {kind} | {configs} | {m.tokens_per_s:.0f} | {m.step_ms:.1f} | "
-                f"{m.forward_ms:.1f} | {m.host_ms:.2f} | {m.op_ms:.2f} | "
-                f"{m.tokens_per_s / plain:.2f} |")
-
     for batch in args.batches:
-        plain = _run(llm, "plain", batch, 1, args.max_tokens)
-        rows.append(row(batch, "plain", "–", plain, plain.tokens_per_s))
-        for kind in ("steer", "monitor", "both"):
-            for configs in (args.configs if kind != "monitor" and batch > 1 else [1]):
-                if configs > batch:
-                    continue
-                m = _run(llm, kind, batch, configs, args.max_tokens)
-                rows.append(row(batch, kind, str(configs), m, plain.tokens_per_s))
-                print(rows[-1], flush=True)
+        cells = [("plain", 1)] + [
+            (kind, configs) for kind in ("steer", "monitor", "both")
+            for configs in (args.configs if kind != "monitor" and batch > 1 else [1])
+            if configs <= batch]
+        runs: dict[tuple[str, int], list[Measured]] = {cell: [] for cell in cells}
+        for _ in range(args.rounds):           # interleaved: drift hits every cell alike
+            for kind, configs in cells:
+                runs[kind, configs].append(_run(llm, kind, batch, configs, args.max_tokens))
+        plain = statistics.median(m.tokens_per_s for m in runs["plain", 1])
+        for (kind, configs), measured in runs.items():
+            m = Measured(*(statistics.median(v) for v in zip(*measured, strict=True)))
+            rows.append(f"| {batch} | {kind} | {configs if kind != 'plain' else '–'} | "
+                        f"{m.tokens_per_s:.0f} | {m.step_ms:.1f} | {m.forward_ms:.1f} | "
+                        f"{m.host_ms:.2f} | {m.op_ms:.2f} | {m.tokens_per_s / plain:.2f} |")
+            print(rows[-1], flush=True)
     table = ("| batch | workload | K configs | output tok/s | ms / token step | forward ms | "
              "hook host ms | op ms (all layers) | vs plain |\n"
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
@@ -238,7 +240,9 @@ def main() -> None:
                        "python -m benchmarks.engine " + " ".join(
                            f"{k}={v}" for k, v in vars(args).items()), table,
                        f"{args.max_tokens} generated tokens per request, greedy, float32; "
-                       "4 layers, 2 edits per layer (add + clamp), top-8 monitoring.")
+                       "4 layers, 2 edits per layer (add + clamp), top-8 monitoring; "
+                       f"median of {args.rounds} interleaved rounds per cell. forward / hook "
+                       "host / op: per forward pass in the worker (resae_stats).")
 
 
 if __name__ == "__main__":

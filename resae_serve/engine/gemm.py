@@ -1,15 +1,16 @@
 """The op's encoder GEMM, ``pre = u @ W_enc + c``, with weights packed once for the CPU.
 
 On CPU it uses vLLM's prepacked oneDNN matmul (``create_onednn_mm`` / ``onednn_mm``, what vLLM's
-own linear layers run on CPU): at decode sizes (tens of rows against a 576 × 4608 encoder) it
-takes about half the time of ``torch.matmul``, which repacks the weight on every call
-(``benchmarks/RESULTS.md``). Elsewhere, or without vLLM's CPU kernels, ``torch.addmm``.
+own linear layers run on CPU, weights reordered once into oneDNN's blocked layout): at decode
+sizes (32 rows against four 576 × 4608 encoders) it takes about half the time of
+``torch.matmul`` (``benchmarks/RESULTS.md``). Elsewhere, or without vLLM's CPU kernels,
+``torch.addmm``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -17,10 +18,8 @@ from resae_serve.saes.base import SAE
 
 logger = logging.getLogger(__name__)
 
-PreActs = Callable[[torch.Tensor], torch.Tensor]
 
-
-def _onednn() -> object | None:
+def _onednn() -> Any:
     try:
         from vllm import _custom_ops as ops
     except ImportError:
@@ -28,21 +27,35 @@ def _onednn() -> object | None:
     return ops if getattr(ops, "_supports_onednn", False) else None
 
 
-@torch.no_grad()
-def pre_acts_fn(sae: SAE) -> PreActs:
-    """``u -> (u - b_dec) @ W_enc + b_enc`` for ``u`` (N, d_in) in ``W_enc``'s dtype.
+class EncoderGemm:
+    """``u -> (u - b_dec) @ W_enc + b_enc`` (the SAE's pre-activations) and ``v -> v @ W_enc``.
 
-    ``b_dec`` is folded into the bias (``c = b_enc - b_dec @ W_enc``, in float64), so the call
-    is one GEMM with a bias.
+    ``b_dec`` is folded into the bias (``c = b_enc - b_dec @ W_enc``, in float64), so the
+    pre-activations are one GEMM with a bias.
     """
-    W_enc = sae.W_enc.detach()
-    bias = (sae.b_enc.double() - sae.b_dec.double() @ W_enc.double()).to(W_enc.dtype)
-    ops = _onednn() if W_enc.device.type == "cpu" else None
-    if ops is not None:
-        try:
-            handler = ops.create_onednn_mm(W_enc.contiguous(), 32)  # type: ignore[attr-defined]
-        except RuntimeError as err:
-            logger.warning("oneDNN matmul unavailable for the SAE encoder (%s); torch.addmm", err)
-        else:
-            return lambda u: ops.onednn_mm(handler, u, bias)  # type: ignore[attr-defined]
-    return lambda u: torch.addmm(bias, u, W_enc)
+
+    @torch.no_grad()
+    def __init__(self, sae: SAE) -> None:
+        self.W_enc = sae.W_enc.detach()
+        self.dtype = self.W_enc.dtype
+        self.bias = (sae.b_enc.double() - sae.b_dec.double() @ self.W_enc.double()
+                     ).to(self.dtype)
+        self._ops: Any = _onednn() if self.W_enc.device.type == "cpu" else None
+        self._handler: Any = None
+        if self._ops is not None:
+            try:
+                self._handler = self._ops.create_onednn_mm(self.W_enc.contiguous(), 32)
+            except RuntimeError as err:
+                logger.warning("no oneDNN matmul for the SAE encoder (%s); using torch", err)
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """Pre-activations (N, d_sae) of SAE inputs ``u`` (N, d_in) in ``dtype``."""
+        if self._handler is not None:
+            return self._ops.onednn_mm(self._handler, u, self.bias)
+        return torch.addmm(self.bias, u, self.W_enc)
+
+    def linear(self, v: torch.Tensor) -> torch.Tensor:
+        """``v @ W_enc`` (no bias): how pre-activations move when the input moves by ``v``."""
+        if self._handler is not None:
+            return self._ops.onednn_mm(self._handler, v, None)
+        return v @ self.W_enc

@@ -1,10 +1,11 @@
-"""Per-token feature monitoring: records built off the decode path.
+"""Per-token feature monitoring, encoded off the decode path.
 
-The op encodes each monitored layer once per step, together with the encode that steering needs
-(:class:`~resae_serve.engine.tables.SteeringTables`), and hands over the codes of the edited
-block output of the tokens of monitoring requests. :class:`Monitor` turns them into per-token
-records (top-k, watched values, threshold events) on a background thread and keeps
-per-request results in token order.
+The op hands over, per monitored layer, the edited block output of the tokens of monitoring
+requests (and the previous layer's, for residual inputs), or their pre-activations when steering
+already encoded them (:class:`~resae_serve.engine.tables.LayerCapture`). :class:`Monitor`
+encodes them on a background thread (with its own packed encoder weights), turns the codes into
+per-token records (top-k, watched values, threshold events) and keeps per-request results in
+token order.
 
 Overload policy: the queue holds ``max_pending`` steps. When it is full the step thread waits
 for a free slot (back-pressure: decoding slows down; no monitoring result is ever dropped and
@@ -30,8 +31,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from resae_serve.engine.gemm import EncoderGemm
 from resae_serve.engine.spec import MonitorSpec
-from resae_serve.engine.tables import Codes, LayerCapture
+from resae_serve.engine.tables import Codes, LayerCapture, activate
 from resae_serve.resae import ReSAE
 from resae_serve.saes.base import SparseCodes
 
@@ -85,6 +87,7 @@ class Monitor:
 
     def __init__(self, resae: ReSAE, *, max_pending: int = 64) -> None:
         self.resae = resae
+        self._gemm = [EncoderGemm(sae) for sae in resae.saes]   # not shared with the op
         self.specs: dict[str, MonitorSpec] = {}
         self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.stalled_steps = 0
@@ -145,8 +148,20 @@ class Monitor:
             self.flush()
         return {key: self.take(key, wait=False) for key in keys}
 
-    @staticmethod
-    def _records(step: StepCapture, layer: int, d_sae: int, capture: LayerCapture,
+    def _codes(self, i: int, capture: LayerCapture, take: torch.Tensor | None) -> Codes:
+        """Codes of the captured tokens ``take`` (all when ``None``)."""
+        pre = capture.pre
+        if pre is None:
+            h, h_prev = capture.h, capture.h_prev
+            if take is not None:
+                h, h_prev = h[take], None if h_prev is None else h_prev[take]
+            u = self.resae.sae_input(i, h.float(), None if h_prev is None else h_prev.float())
+            pre = self._gemm[i](u.to(self._gemm[i].dtype))
+        elif take is not None:
+            pre = pre[take]
+        return activate(self.resae.saes[i], pre)
+
+    def _records(self, step: StepCapture, i: int, capture: LayerCapture,
                  idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
                  firsts: np.ndarray) -> list[dict[str, Any]]:
         """Records of the ``wanted`` captured tokens.
@@ -154,16 +169,14 @@ class Monitor:
         One ``topk`` and one gather for all tokens, then plain lists (per-token tensor calls
         would cost more than the whole step at decode batch sizes).
         """
+        layer, d_sae = self.resae.layers[i], self.resae.saes[i].config.d_sae
         chosen = [specs[row] for row in wanted.tolist()]
         k = max(s.top_k for s in chosen)
         columns = sorted({f for s in chosen for f in s.watch}
                          | {t.feature for s in chosen for t in s.thresholds if t.layer == layer})
         column = {f: c for c, f in enumerate(columns)}
-        codes = capture.codes
-        if len(chosen) < len(specs):
-            take = torch.from_numpy(wanted)
-            codes = (SparseCodes(codes.indices[take], codes.values[take])
-                     if isinstance(codes, SparseCodes) else codes[take])
+        codes = self._codes(i, capture, torch.from_numpy(wanted)
+                            if len(chosen) < len(specs) else None)
         top_ids, top_values, picked = _summaries(codes, d_sae, k, columns)
         records: list[dict[str, Any]] = []
         for n, (row, spec) in enumerate(zip(wanted.tolist(), chosen, strict=True)):
@@ -227,8 +240,8 @@ class Monitor:
             wanted = np.array([layer in s.layers for s in specs], dtype=bool)
             if not wanted.any():
                 continue
-            records += self._records(step, layer, self.resae.saes[i].config.d_sae, capture, idx,
-                                     np.flatnonzero(wanted), req, specs, firsts)
+            records += self._records(step, i, capture, idx, np.flatnonzero(wanted), req, specs,
+                                     firsts)
         with self._lock:
             for record in records:
                 seen = (record["key"], record["layer"])

@@ -20,10 +20,12 @@ which is :meth:`resae_serve.resae.ReSAE.intervention_delta` with the add edits f
 ``add_vec``. ``h_prev`` is the previous dictionary layer's block output in the same pass, after
 that layer's edits (what the stream actually carried), kept in the persistent ``h_buf``.
 
-Monitoring reports the codes of the edited block output ``h + δ``. ``u`` is affine in ``h``, so
-its pre-activations are ``pre + (δ/σ_i) W_enc``: a rank-(1 + E) update from vectors computed once
-per row when the row is written (``add_vec/σ_i · W_enc`` and ``W_dec[f_e] · W_enc`` per slot),
-instead of a second encode GEMM. Tokens without edits at the layer report ``z`` itself.
+Monitoring reports the codes of the edited block output ``h + δ``, encoded on the monitor's
+thread, off the decode path (:mod:`resae_serve.engine.monitor`). The op hands it ``h + δ`` (and
+the previous layer's edited output). When steering already encoded every monitored token of the
+layer, it hands the pre-activations instead: ``u`` is affine in ``h``, so those of ``h + δ`` are
+``pre + (δ/σ_i) W_enc``, a rank-(1 + E) update from vectors computed once per row
+(``add_vec/σ_i · W_enc`` and ``W_dec[f_e] · W_enc`` per slot) instead of a second encode.
 
 Tables are allocated once, at construction (before vLLM's warm-up and compilation); the pool of
 update vectors grows on the host when a new row needs more room (never inside the op).
@@ -38,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from resae_serve.engine.gemm import pre_acts_fn
+from resae_serve.engine.gemm import EncoderGemm
 from resae_serve.engine.spec import MAX_EDITS_PER_LAYER, SteerEdit, SteeringSpec, SteerVector
 from resae_serve.errors import ResaeError
 from resae_serve.interventions import EditOp, edit_coefficients
@@ -67,20 +69,17 @@ def codes_at(codes: Codes, feature: torch.Tensor) -> torch.Tensor:
     return codes.gather(1, feature)
 
 
-def select_codes(codes: Codes, index: torch.Tensor) -> Codes:
-    if isinstance(codes, SparseCodes):
-        return SparseCodes(codes.indices.index_select(0, index),
-                           codes.values.index_select(0, index))
-    return codes.index_select(0, index)
-
-
 class LayerCapture(NamedTuple):
-    """What one layer's op hands the monitor for its captured tokens."""
+    """What one layer's op hands the monitor thread for its captured (monitored) tokens."""
 
-    codes: Codes
-    """Codes of the edited block output."""
     h: torch.Tensor
-    """(n, d) edited block output (for ``raw`` monitoring)."""
+    """(n, d) edited block output."""
+    h_prev: torch.Tensor | None
+    """(n, d) edited block output of the previous dictionary layer (residual SAE input), when
+    the monitor has to encode; ``None`` when ``pre`` is given or the SAE reads ``h`` alone."""
+    pre: torch.Tensor | None
+    """(n, d_sae) pre-activations of ``h``, when the op already encoded every captured token
+    for steering (then updated for this layer's edits; the monitor only activates them)."""
 
 
 class TablesFullError(ResaeError):
@@ -124,6 +123,7 @@ class SteeringTables:
         self._pre_shift_pool = [torch.zeros(1 + max_rows, sae.config.d_sae, dtype=torch.float32)
                                 for sae in resae.saes]              # entry 0 stays zero
         self._pre_shift_free = [list(range(max_rows, 0, -1)) for _ in resae.saes]
+        self._add_u: dict[tuple[int, int], torch.Tensor] = {}   # rows whose entries are unwritten
         self.token_rows = torch.zeros(max_tokens, dtype=torch.long)                   # (T,)
         self._token_rows_np = self.token_rows.numpy()
         self.encode_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)         # (L, T)
@@ -132,13 +132,12 @@ class SteeringTables:
         self.n_encode = [0] * n_layers
         self.n_capture = [0] * n_layers
         self.layer_add = [False] * n_layers
-        self.layer_slots = [False] * n_layers         # some encoded token has a reading slot
-        self.capture_edited = [False] * n_layers      # some captured token's row edits here
+        self.capture_encoded = [False] * n_layers     # steering encodes every captured token
         self.capture_slots = [0] * n_layers           # most slots of a captured token's row
         self.h_buf = torch.zeros(n_layers, max_tokens, d, dtype=dtype)               # (L, T, d)
         self.active = False
         self.op_seconds = 0.0                     # time inside the op (resae_stats)
-        self._pre_acts = [pre_acts_fn(sae) for sae in resae.saes]
+        self._gemm = [EncoderGemm(sae) for sae in resae.saes]
         self.captures: list[LayerCapture | None] = [None] * n_layers
         self._rows: dict[str, _Row] = {}          # row content hash -> row
         self._free = list(range(max_rows - 1, 0, -1))
@@ -188,21 +187,26 @@ class SteeringTables:
             self.needs_encode[i, r] = slot > 0
             self.has_add[i, r] = bool(add.abs().sum() > 0)
             self.n_slots[i, r] = slot
-            self._write_pre_shifts(i, r, add / scale)
+            self._add_u[(i, r)] = (add / scale).to(self.add_vec.dtype)
 
-    def _write_pre_shifts(self, i: int, r: int, add_u: torch.Tensor) -> None:
+    def _write_pre_shifts(self, i: int, r: int) -> None:
         """Pre-activation change per unit of each edit of row ``r`` at layer ``i``: entry 0 for
-        the add vector (in SAE-input units), entry ``1 + e`` for slot ``e``'s decoder row."""
-        sae = self.resae.saes[i]
-        W_enc = sae.W_enc.detach().double()
-        vectors: list[torch.Tensor | None] = [add_u if self.has_add[i, r] else None]
-        vectors += [sae.W_dec[int(f)].detach().double()
-                    for f in self.edit_feature[i, r, : int(self.n_slots[i, r])]]
-        for c, vec in enumerate(vectors):
-            if vec is None:
-                continue
+        the add vector (in SAE-input units), entry ``1 + e`` for slot ``e``'s decoder row.
+        Written the first time a monitored token uses the row (steering alone never needs it)."""
+        add_u = self._add_u.pop((i, r), None)
+        if add_u is None:                  # already written
+            return
+        gemm, slots = self._gemm[i], int(self.n_slots[i, r])
+        columns = ([0] if self.has_add[i, r] else []) + list(range(1, 1 + slots))
+        if not columns:
+            return
+        vectors = self.resae.saes[i].W_dec.detach()[self.edit_feature[i, r, :slots]]
+        if self.has_add[i, r]:
+            vectors = torch.cat([add_u.to(vectors.dtype).unsqueeze(0), vectors])
+        shifts = gemm.linear(vectors.to(gemm.dtype).contiguous()).float()    # (columns, d_sae)
+        for c, shift in zip(columns, shifts, strict=True):
             entry = self._pre_shift_entry(i)
-            self._pre_shift_pool[i][entry] = (vec @ W_enc).float()
+            self._pre_shift_pool[i][entry] = shift
             self.pre_shift_idx[i, r, c] = entry
 
     def _pre_shift_entry(self, i: int) -> int:
@@ -228,6 +232,8 @@ class SteeringTables:
             self.needs_encode[:, row.index] = False
             self.has_add[:, row.index] = False
             self.n_slots[:, row.index] = 0
+            for i in range(len(self.layers)):
+                self._add_u.pop((i, row.index), None)
             for i, free in enumerate(self._pre_shift_free):
                 free.extend(e for e in self.pre_shift_idx[i, row.index].tolist() if e)
             self.pre_shift_idx[:, row.index] = 0
@@ -300,17 +306,19 @@ class SteeringTables:
             slots = self.needs_encode[i][token_rows]                               # (total,)
             wanted = np.array([i in r.monitor_layers for r in rows], dtype=bool)
             monitored = wanted[tok_req] if wanted.any() else np.zeros(total, dtype=bool)
-            enc = np.flatnonzero(slots | monitored)
+            enc = np.flatnonzero(slots)
             cap = np.flatnonzero(monitored)
             self.n_encode[i], self.n_capture[i] = len(enc), len(cap)
             self.encode_idx[i, : len(enc)] = torch.from_numpy(enc)
             self.capture_idx[i, : len(cap)] = torch.from_numpy(cap)
-            self.capture_pos[i, : len(cap)] = torch.from_numpy(np.flatnonzero(monitored[enc]))
+            self.capture_encoded[i] = bool(len(cap)) and bool(slots[cap].all())
+            if self.capture_encoded[i]:
+                self.capture_pos[i, : len(cap)] = torch.from_numpy(np.flatnonzero(monitored[enc]))
             self.layer_add[i] = bool(self.has_add[i][token_rows].any())
-            self.layer_slots[i] = bool(slots.any())
             cap_rows = token_rows[cap]
-            self.capture_edited[i] = bool((self.has_add[i][cap_rows]
-                                           | self.needs_encode[i][cap_rows]).any())
+            if self.capture_encoded[i] and self._add_u:
+                for r in np.unique(cap_rows).tolist():
+                    self._write_pre_shifts(i, r)
             self.capture_slots[i] = int(self.n_slots[i][cap_rows].max()) if len(cap) else 0
         self.active = True
 
@@ -331,7 +339,7 @@ class SteeringTables:
     @torch.no_grad()
     def apply(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """Edit ``hidden`` in place so that ``hidden + residual`` becomes ``h + δ`` (layer i);
-        leave the codes of monitored tokens in ``captures[i]``."""
+        leave what the monitor needs of the monitored tokens in ``captures[i]``."""
         self.captures[i] = None
         if not self.active:
             return
@@ -339,21 +347,25 @@ class SteeringTables:
         h = torch.add(hidden, residual, out=self.h_buf[i, :n])                    # (n, d)
         delta = (self.add_vec[i].index_select(0, self.token_rows[:n])             # (n, d)
                  if self.layer_add[i] else None)
-        codes = None
+        pre = None
         if self.n_encode[i]:
-            delta, codes = self._encode(i, hidden, h, delta)
+            delta, pre = self._encode(i, hidden, h, delta)
         if delta is not None:
             hidden.add_(delta)
             h.add_(delta)
-        if codes is not None:
-            self.captures[i] = LayerCapture(
-                codes, h.index_select(0, self.capture_idx[i, : self.n_capture[i]]))
+        nc = self.n_capture[i]
+        if nc:
+            cap = self.capture_idx[i, :nc]
+            h_prev = (self.h_buf[i - 1].index_select(0, cap)
+                      if pre is None and i and self.resae.mode == "resae" else None)
+            self.captures[i] = LayerCapture(h.index_select(0, cap), h_prev, pre)
 
     def _encode(self, i: int, hidden: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None
-                ) -> tuple[torch.Tensor | None, Codes | None]:
-        """One encode of the tokens that need it: slot deltas (added to ``delta``, or to
-        ``hidden`` and ``h`` directly when only some tokens are encoded) and the codes of the
-        captured tokens after this layer's edits."""
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Encode the tokens whose slots read a feature: their deltas (added to ``delta``, or
+        to ``hidden`` and ``h`` directly when only some tokens are encoded), and the
+        pre-activations of the captured tokens after this layer's edits when every captured
+        token is among them."""
         n, ne = hidden.shape[0], self.n_encode[i]
         whole = ne == n                        # decode steps: every token, no gather/scatter
         idx = self.encode_idx[i, :ne]                                              # (ne,)
@@ -364,38 +376,32 @@ class SteeringTables:
         sae = self.resae.saes[i]
         u = self.resae.sae_input(i, (h if whole else h.index_select(0, idx)).float(),
                                  None if h_prev is None else h_prev.float())
-        pre = self._pre_acts[i](u.to(sae.W_enc.dtype))                            # (ne, d_sae)
-        codes = activate(sae, pre)
-        coef = None
-        if self.layer_slots[i]:
-            feature = self.edit_feature[i].index_select(0, rows)                   # (ne, E)
-            coef = edit_coefficients(codes_at(codes, feature),
-                                     self.edit_op[i].index_select(0, rows),
-                                     self.edit_value[i].index_select(0, rows))
-            delta_enc = (self.resae.scales[i] * torch.einsum(
-                "ne,ned->nd", coef, sae.W_dec[feature])).to(hidden.dtype)
-            if whole:
-                delta = delta_enc if delta is None else delta.add_(delta_enc)
-            else:
-                hidden.index_add_(0, idx, delta_enc)
-                h.index_add_(0, idx, delta_enc)
+        pre = self._gemm[i](u.to(self._gemm[i].dtype))                            # (ne, d_sae)
+        feature = self.edit_feature[i].index_select(0, rows)                       # (ne, E)
+        coef = edit_coefficients(codes_at(activate(sae, pre), feature),
+                                 self.edit_op[i].index_select(0, rows),
+                                 self.edit_value[i].index_select(0, rows))
+        delta_enc = (self.resae.scales[i] * torch.einsum(
+            "ne,ned->nd", coef, sae.W_dec[feature])).to(hidden.dtype)
+        if whole:
+            delta = delta_enc if delta is None else delta.add_(delta_enc)
+        else:
+            hidden.index_add_(0, idx, delta_enc)
+            h.index_add_(0, idx, delta_enc)
         nc = self.n_capture[i]
-        if not nc:
+        if not self.capture_encoded[i]:
             return delta, None
-        every = nc == ne
-        pos = self.capture_pos[i, :nc]
-        if not self.capture_edited[i]:
-            return delta, codes if every else select_codes(codes, pos)
-        if not every:
-            rows, pre = rows.index_select(0, pos), pre.index_select(0, pos)
-            coef = None if coef is None else coef.index_select(0, pos)
-        return delta, activate(sae, pre + self._pre_shift(i, rows, coef))
+        if nc != ne:
+            pos = self.capture_pos[i, :nc]
+            rows, pre, coef = rows.index_select(0, pos), pre.index_select(0, pos), \
+                coef.index_select(0, pos)
+        return delta, pre + self._pre_shift(i, rows, coef)
 
-    def _pre_shift(self, i: int, rows: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
+    def _pre_shift(self, i: int, rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         """Change of the captured tokens' pre-activations from this layer's edits (nc, d_sae)."""
         pool, used = self._pre_shift_pool[i], self.capture_slots[i]
         entries = self.pre_shift_idx[i].index_select(0, rows)                     # (nc, 1+E)
-        if coef is None or not used:
+        if not used:
             return pool.index_select(0, entries[:, 0])
         weights = torch.cat([torch.ones_like(coef[:, :1]), coef[:, :used]], dim=1)  # (nc, 1+s)
         vectors = pool[entries[:, : 1 + used]]                                    # (nc, 1+s, d_sae)
