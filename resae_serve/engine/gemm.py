@@ -35,12 +35,15 @@ class EncoderGemm:
     """
 
     @torch.no_grad()
-    def __init__(self, sae: SAE) -> None:
+    def __init__(self, sae: SAE, *, packed: bool = True) -> None:
+        """``packed`` uses vLLM's oneDNN matmul on CPU. Only the model's own thread may: it
+        keeps per-thread-number scratch memory, and a second thread running it at the same time
+        crashes the worker (seen as a segfault), so the monitor thread passes ``False``."""
         self.W_enc = sae.W_enc.detach()
         self.dtype = self.W_enc.dtype
         self.bias = (sae.b_enc.double() - sae.b_dec.double() @ self.W_enc.double()
                      ).to(self.dtype)
-        self._ops: Any = _onednn() if self.W_enc.device.type == "cpu" else None
+        self._ops: Any = _onednn() if packed and self.W_enc.device.type == "cpu" else None
         self._handler: Any = None
         if self._ops is not None:
             try:

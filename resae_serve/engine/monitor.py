@@ -1,11 +1,10 @@
 """Per-token feature monitoring, encoded off the decode path.
 
 The op hands over, per monitored layer, the edited block output of the tokens of monitoring
-requests (and the previous layer's, for residual inputs), or their pre-activations when steering
-already encoded them (:class:`~resae_serve.engine.tables.LayerCapture`). :class:`Monitor`
-encodes them on a background thread (with its own packed encoder weights), turns the codes into
-per-token records (top-k, watched values, threshold events) and keeps per-request results in
-token order.
+requests (and the previous layer's, for residual inputs;
+:class:`~resae_serve.engine.tables.LayerCapture`). :class:`Monitor` encodes them on a background
+thread, moved off the worker's cores when it has them to itself, turns the codes into per-token
+records (top-k, watched values, threshold events) and keeps per-request results in token order.
 
 Overload policy: the queue holds ``max_pending`` steps. When it is full the step thread waits
 for a free slot (back-pressure: decoding slows down; no monitoring result is ever dropped and
@@ -22,6 +21,7 @@ the repeats (a direct measure of preemption seen by the monitor).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections import defaultdict
@@ -73,6 +73,31 @@ def _summaries(codes: Codes, d_sae: int, k: int, columns: list[int]
     return top.indices.tolist(), top.values.tolist(), z[:, columns].tolist()
 
 
+def _move_off_worker_cores() -> None:
+    """Run the calling (monitor) thread on the CPUs the worker is not bound to.
+
+    vLLM's CPU worker pins its threads to its share of the cores (``VLLM_CPU_OMP_THREADS_BIND``)
+    and this thread inherits that mask, so without this its encodes would take turns with the
+    forward pass on the same core. The other cores run the engine core process, which mostly
+    spins waiting for the worker. ``RESAE_MONITOR_CPUS``: ``auto`` (default; the CPUs outside
+    the inherited mask, when there are any), ``inherit`` (stay), or a list such as ``0,1``.
+    """
+    choice = os.environ.get("RESAE_MONITOR_CPUS", "auto").strip()
+    if choice == "inherit" or not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        if choice == "auto":
+            cpus = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+        else:
+            cpus = {int(c) for c in choice.split(",") if c.strip()}
+        if cpus:
+            os.sched_setaffinity(0, cpus)        # pid 0: this thread only
+            logger.info("monitor thread runs on CPUs %s", sorted(cpus))
+    except (OSError, ValueError) as err:
+        logger.warning("RESAE_MONITOR_CPUS=%r not applied (%s); the monitor thread shares the "
+                       "worker's CPUs", choice, err)
+
+
 class _Discard(NamedTuple):
     """Queue marker: drop the results of request ``key``."""
 
@@ -87,7 +112,7 @@ class Monitor:
 
     def __init__(self, resae: ReSAE, *, max_pending: int = 64) -> None:
         self.resae = resae
-        self._gemm = [EncoderGemm(sae) for sae in resae.saes]   # not shared with the op
+        self._gemm = [EncoderGemm(sae, packed=False) for sae in resae.saes]
         self.specs: dict[str, MonitorSpec] = {}
         self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.stalled_steps = 0
@@ -150,16 +175,11 @@ class Monitor:
 
     def _codes(self, i: int, capture: LayerCapture, take: torch.Tensor | None) -> Codes:
         """Codes of the captured tokens ``take`` (all when ``None``)."""
-        pre = capture.pre
-        if pre is None:
-            h, h_prev = capture.h, capture.h_prev
-            if take is not None:
-                h, h_prev = h[take], None if h_prev is None else h_prev[take]
-            u = self.resae.sae_input(i, h.float(), None if h_prev is None else h_prev.float())
-            pre = self._gemm[i](u.to(self._gemm[i].dtype))
-        elif take is not None:
-            pre = pre[take]
-        return activate(self.resae.saes[i], pre)
+        h, h_prev = capture.h, capture.h_prev
+        if take is not None:
+            h, h_prev = h[take], None if h_prev is None else h_prev[take]
+        u = self.resae.sae_input(i, h.float(), None if h_prev is None else h_prev.float())
+        return activate(self.resae.saes[i], self._gemm[i](u.to(self._gemm[i].dtype)))
 
     def _records(self, step: StepCapture, i: int, capture: LayerCapture,
                  idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
@@ -198,6 +218,7 @@ class Monitor:
         return records
 
     def _run(self) -> None:
+        _move_off_worker_cores()
         while True:
             step = self._queue.get()
             try:

@@ -21,14 +21,10 @@ which is :meth:`resae_serve.resae.ReSAE.intervention_delta` with the add edits f
 that layer's edits (what the stream actually carried), kept in the persistent ``h_buf``.
 
 Monitoring reports the codes of the edited block output ``h + δ``, encoded on the monitor's
-thread, off the decode path (:mod:`resae_serve.engine.monitor`). The op hands it ``h + δ`` (and
-the previous layer's edited output). When steering already encoded every monitored token of the
-layer, it hands the pre-activations instead: ``u`` is affine in ``h``, so those of ``h + δ`` are
-``pre + (δ/σ_i) W_enc``, a rank-(1 + E) update from vectors computed once per row
-(``add_vec/σ_i · W_enc`` and ``W_dec[f_e] · W_enc`` per slot) instead of a second encode.
+thread, off the decode path (:mod:`resae_serve.engine.monitor`): the op copies ``h + δ`` of the
+monitored tokens (and the previous layer's edited output, for residual inputs).
 
-Tables are allocated once, at construction (before vLLM's warm-up and compilation); the pool of
-update vectors grows on the host when a new row needs more room (never inside the op).
+All tensors are allocated once, at construction (before vLLM's warm-up and compilation).
 """
 
 from __future__ import annotations
@@ -75,11 +71,8 @@ class LayerCapture(NamedTuple):
     h: torch.Tensor
     """(n, d) edited block output."""
     h_prev: torch.Tensor | None
-    """(n, d) edited block output of the previous dictionary layer (residual SAE input), when
-    the monitor has to encode; ``None`` when ``pre`` is given or the SAE reads ``h`` alone."""
-    pre: torch.Tensor | None
-    """(n, d_sae) pre-activations of ``h``, when the op already encoded every captured token
-    for steering (then updated for this layer's edits; the monitor only activates them)."""
+    """(n, d) edited block output of the previous dictionary layer, for residual SAE inputs
+    (``None`` when the SAE reads ``h`` alone)."""
 
 
 class TablesFullError(ResaeError):
@@ -117,23 +110,13 @@ class SteeringTables:
         self.edit_value = torch.zeros(n_layers, max_rows, E)
         self.needs_encode = np.zeros((n_layers, max_rows), dtype=bool)
         self.has_add = np.zeros((n_layers, max_rows), dtype=bool)
-        self.n_slots = np.zeros((n_layers, max_rows), dtype=np.int64)
-        # monitoring: pre-activation updates per row, (1 + E) pool entries per layer and row
-        self.pre_shift_idx = torch.zeros(n_layers, max_rows, 1 + E, dtype=torch.long)
-        self._pre_shift_pool = [torch.zeros(1 + max_rows, sae.config.d_sae, dtype=torch.float32)
-                                for sae in resae.saes]              # entry 0 stays zero
-        self._pre_shift_free = [list(range(max_rows, 0, -1)) for _ in resae.saes]
-        self._add_u: dict[tuple[int, int], torch.Tensor] = {}   # rows whose entries are unwritten
         self.token_rows = torch.zeros(max_tokens, dtype=torch.long)                   # (T,)
         self._token_rows_np = self.token_rows.numpy()
         self.encode_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)         # (L, T)
         self.capture_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)
-        self.capture_pos = torch.zeros(n_layers, max_tokens, dtype=torch.long)   # in encode_idx
         self.n_encode = [0] * n_layers
         self.n_capture = [0] * n_layers
         self.layer_add = [False] * n_layers
-        self.capture_encoded = [False] * n_layers     # steering encodes every captured token
-        self.capture_slots = [0] * n_layers           # most slots of a captured token's row
         self.h_buf = torch.zeros(n_layers, max_tokens, d, dtype=dtype)               # (L, T, d)
         self.active = False
         self.op_seconds = 0.0                     # time inside the op (resae_stats)
@@ -186,39 +169,6 @@ class SteeringTables:
             self.add_vec[i, r] = add.to(self.add_vec.dtype)
             self.needs_encode[i, r] = slot > 0
             self.has_add[i, r] = bool(add.abs().sum() > 0)
-            self.n_slots[i, r] = slot
-            self._add_u[(i, r)] = (add / scale).to(self.add_vec.dtype)
-
-    def _write_pre_shifts(self, i: int, r: int) -> None:
-        """Pre-activation change per unit of each edit of row ``r`` at layer ``i``: entry 0 for
-        the add vector (in SAE-input units), entry ``1 + e`` for slot ``e``'s decoder row.
-        Written the first time a monitored token uses the row (steering alone never needs it)."""
-        add_u = self._add_u.pop((i, r), None)
-        if add_u is None:                  # already written
-            return
-        gemm, slots = self._gemm[i], int(self.n_slots[i, r])
-        columns = ([0] if self.has_add[i, r] else []) + list(range(1, 1 + slots))
-        if not columns:
-            return
-        vectors = self.resae.saes[i].W_dec.detach()[self.edit_feature[i, r, :slots]]
-        if self.has_add[i, r]:
-            vectors = torch.cat([add_u.to(vectors.dtype).unsqueeze(0), vectors])
-        shifts = gemm.linear(vectors.to(gemm.dtype).contiguous()).float()    # (columns, d_sae)
-        for c, shift in zip(columns, shifts, strict=True):
-            entry = self._pre_shift_entry(i)
-            self._pre_shift_pool[i][entry] = shift
-            self.pre_shift_idx[i, r, c] = entry
-
-    def _pre_shift_entry(self, i: int) -> int:
-        free = self._pre_shift_free[i]
-        if not free:                       # on the host, between steps: grow by doubling
-            pool = self._pre_shift_pool[i]
-            grown = torch.zeros(2 * len(pool), pool.shape[1], dtype=pool.dtype)
-            grown[: len(pool)] = pool
-            free.extend(range(len(grown) - 1, len(pool) - 1, -1))
-            self._pre_shift_pool[i] = grown
-            logger.debug("layer %d: pre-activation update pool grown to %d", i, len(grown))
-        return free.pop()
 
     def _release_row(self, key: str) -> None:
         row = self._rows.get(key)
@@ -231,12 +181,6 @@ class SteeringTables:
             self.edit_op[:, row.index].zero_()
             self.needs_encode[:, row.index] = False
             self.has_add[:, row.index] = False
-            self.n_slots[:, row.index] = 0
-            for i in range(len(self.layers)):
-                self._add_u.pop((i, row.index), None)
-            for i, free in enumerate(self._pre_shift_free):
-                free.extend(e for e in self.pre_shift_idx[i, row.index].tolist() if e)
-            self.pre_shift_idx[:, row.index] = 0
             self._free.append(row.index)
 
     def claim(self, req_id: str, spec: SteeringSpec | None) -> RequestRows:
@@ -311,15 +255,7 @@ class SteeringTables:
             self.n_encode[i], self.n_capture[i] = len(enc), len(cap)
             self.encode_idx[i, : len(enc)] = torch.from_numpy(enc)
             self.capture_idx[i, : len(cap)] = torch.from_numpy(cap)
-            self.capture_encoded[i] = bool(len(cap)) and bool(slots[cap].all())
-            if self.capture_encoded[i]:
-                self.capture_pos[i, : len(cap)] = torch.from_numpy(np.flatnonzero(monitored[enc]))
             self.layer_add[i] = bool(self.has_add[i][token_rows].any())
-            cap_rows = token_rows[cap]
-            if self.capture_encoded[i] and self._add_u:
-                for r in np.unique(cap_rows).tolist():
-                    self._write_pre_shifts(i, r)
-            self.capture_slots[i] = int(self.n_slots[i][cap_rows].max()) if len(cap) else 0
         self.active = True
 
     def take_captures(self) -> dict[int, tuple[np.ndarray, LayerCapture]]:
@@ -347,9 +283,8 @@ class SteeringTables:
         h = torch.add(hidden, residual, out=self.h_buf[i, :n])                    # (n, d)
         delta = (self.add_vec[i].index_select(0, self.token_rows[:n])             # (n, d)
                  if self.layer_add[i] else None)
-        pre = None
         if self.n_encode[i]:
-            delta, pre = self._encode(i, hidden, h, delta)
+            delta = self._encode(i, hidden, h, delta)
         if delta is not None:
             hidden.add_(delta)
             h.add_(delta)
@@ -357,15 +292,13 @@ class SteeringTables:
         if nc:
             cap = self.capture_idx[i, :nc]
             h_prev = (self.h_buf[i - 1].index_select(0, cap)
-                      if pre is None and i and self.resae.mode == "resae" else None)
-            self.captures[i] = LayerCapture(h.index_select(0, cap), h_prev, pre)
+                      if i and self.resae.mode == "resae" else None)
+            self.captures[i] = LayerCapture(h.index_select(0, cap), h_prev)
 
     def _encode(self, i: int, hidden: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Encode the tokens whose slots read a feature: their deltas (added to ``delta``, or
-        to ``hidden`` and ``h`` directly when only some tokens are encoded), and the
-        pre-activations of the captured tokens after this layer's edits when every captured
-        token is among them."""
+                ) -> torch.Tensor | None:
+        """Encode the tokens whose slots read a feature; their deltas are added to ``delta``
+        (returned), or to ``hidden`` and ``h`` directly when only some tokens are encoded."""
         n, ne = hidden.shape[0], self.n_encode[i]
         whole = ne == n                        # decode steps: every token, no gather/scatter
         idx = self.encode_idx[i, :ne]                                              # (ne,)
@@ -388,21 +321,4 @@ class SteeringTables:
         else:
             hidden.index_add_(0, idx, delta_enc)
             h.index_add_(0, idx, delta_enc)
-        nc = self.n_capture[i]
-        if not self.capture_encoded[i]:
-            return delta, None
-        if nc != ne:
-            pos = self.capture_pos[i, :nc]
-            rows, pre, coef = rows.index_select(0, pos), pre.index_select(0, pos), \
-                coef.index_select(0, pos)
-        return delta, pre + self._pre_shift(i, rows, coef)
-
-    def _pre_shift(self, i: int, rows: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-        """Change of the captured tokens' pre-activations from this layer's edits (nc, d_sae)."""
-        pool, used = self._pre_shift_pool[i], self.capture_slots[i]
-        entries = self.pre_shift_idx[i].index_select(0, rows)                     # (nc, 1+E)
-        if not used:
-            return pool.index_select(0, entries[:, 0])
-        weights = torch.cat([torch.ones_like(coef[:, :1]), coef[:, :used]], dim=1)  # (nc, 1+s)
-        vectors = pool[entries[:, : 1 + used]]                                    # (nc, 1+s, d_sae)
-        return torch.bmm(weights.unsqueeze(1), vectors).squeeze(1)
+        return delta
