@@ -139,8 +139,9 @@ def profile_op(folder: Path, batch: int, configs: int) -> str:
         requests={k: SimpleNamespace(sampling_params=SimpleNamespace(
             extra_args=s.to_extra_args())) for k, s in specs.items()})
     hook.bind(runner)
-    hidden = torch.randn(batch, resae.d_model)
-    residual = torch.randn(batch, resae.d_model)
+    scale = float(resae.scales[0])      # block outputs of the dictionary's scale
+    hidden = scale * torch.randn(batch, resae.d_model) / resae.d_model ** 0.5
+    residual = scale * torch.randn(batch, resae.d_model) / resae.d_model ** 0.5
     n_layers = len(resae.layers)
 
     def host() -> None:
@@ -168,20 +169,32 @@ def profile_op(folder: Path, batch: int, configs: int) -> str:
         monitor._summarize(step)
         monitor.results.clear()
 
+    screens = tables.screens
+
+    def op_without_screen() -> float:
+        tables.screens = [None] * n_layers
+        try:
+            return sum(_timed(layer_op(i)) for i in range(n_layers))
+        finally:
+            tables.screens = screens
+
     def pieces() -> list[float]:
         return [_timed(host), sum(_timed(layer_op(i)) for i in range(n_layers)),
-                _timed(sae_encodes), _timed(monitor_step)]
+                op_without_screen(), _timed(sae_encodes), _timed(monitor_step)]
 
     names = ["host fill (new specs parsed once; prepare_step)",
-             "op body, 4 layers (one encode, clamp deltas, monitored codes after the edits)",
-             "SAE encodes alone, 4 layers (GEMM + top-k)",
-             "monitor thread, one step: records from the op's codes, 4 layers"]
+             "op body, 4 layers (clamp read through the bfloat16 screen, deltas, copies)",
+             "op body, 4 layers, float32 encode for the clamp read",
+             "torch SAE encodes alone, 4 layers (matmul + top-k)",
+             "monitor thread, one step: encodes + records, 4 layers"]
     threads = torch.get_num_threads()
     columns = {threads: pieces()}
     torch.set_num_threads(1)
     columns[1] = pieces()
     torch.set_num_threads(threads)
     head = " | ".join(f"ms, {t} thread{'s' * (t > 1)}" for t in columns)
+    decided = [1 - s.reads_resolved_exactly / max(1, s.reads) for s in screens if s]
+    names[1] += f" ({min(decided, default=0):.0%}–{max(decided, default=0):.0%} decided by it)"
     return (f"| piece (batch {batch}, K={configs}, one decode step) | {head} |\n"
             f"| --- |{' ---: |' * len(columns)}\n"
             + "\n".join(f"| {name} | " + " | ".join(f"{c[r]:.2f}" for c in columns.values())

@@ -19,7 +19,8 @@ from resae_serve.saes.base import SAE
 logger = logging.getLogger(__name__)
 
 
-def _onednn() -> Any:
+def onednn_ops() -> Any:
+    """vLLM's CPU ops module when it has oneDNN matmul, else ``None``."""
     try:
         from vllm import _custom_ops as ops
     except ImportError:
@@ -43,7 +44,7 @@ class EncoderGemm:
         self.dtype = self.W_enc.dtype
         self.bias = (sae.b_enc.double() - sae.b_dec.double() @ self.W_enc.double()
                      ).to(self.dtype)
-        self._ops: Any = _onednn() if packed and self.W_enc.device.type == "cpu" else None
+        self._ops: Any = onednn_ops() if packed and self.W_enc.device.type == "cpu" else None
         self._handler: Any = None
         if self._ops is not None:
             try:

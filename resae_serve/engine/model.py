@@ -11,6 +11,7 @@ preparation around the compiled decoder stack.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -81,13 +82,15 @@ class ResaeLlamaForCausalLM(LlamaForCausalLM):
         max_configs = int(getattr(hf_config, "resae_max_configs", DEFAULT_MAX_CONFIGS))
         tables = SteeringTables(
             resae, max_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
-            max_rows=2 * max_configs + 1, dtype=_torch_dtype(vllm_config.model_config.dtype))
+            max_rows=2 * max_configs + 1, dtype=_torch_dtype(vllm_config.model_config.dtype),
+            screen=os.environ.get("RESAE_BF16_SCREEN", "1") != "0")
         op.install_tables(tables)
         _hook = StepHook(tables, Monitor(resae))
         super().__init__(vllm_config=vllm_config, prefix=prefix,
                          layer_type=SteerableLlamaDecoderLayer)
-        logger.info("ReSAE hook at layers %s (%s mode), %d table rows", list(resae.layers),
-                    resae.mode, tables.max_rows)
+        logger.info("ReSAE hook at layers %s (%s mode), %d table rows, bfloat16 screening of "
+                    "edited TopK features: %s", list(resae.layers), resae.mode, tables.max_rows,
+                    any(s is not None for s in tables.screens))
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from resae_serve.engine.gemm import EncoderGemm
+from resae_serve.engine.screen import TopKScreen
 from resae_serve.engine.spec import MAX_EDITS_PER_LAYER, SteerEdit, SteeringSpec, SteerVector
 from resae_serve.errors import ResaeError
 from resae_serve.interventions import EditOp, edit_coefficients
@@ -99,7 +100,10 @@ class SteeringTables:
     """Persistent tables, row bookkeeping, host-side step preparation and the layer math."""
 
     def __init__(self, resae: ReSAE, *, max_tokens: int, max_rows: int = 65,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, screen: bool = True) -> None:
+        """``screen``: read edited TopK features through :class:`TopKScreen` where it applies
+        (same values as the float32 encode; ``RESAE_BF16_SCREEN=0`` turns it off in the
+        engine)."""
         self.resae = resae.eval()
         self.layers = resae.layers
         n_layers, d = len(self.layers), resae.d_model
@@ -110,6 +114,7 @@ class SteeringTables:
         self.edit_value = torch.zeros(n_layers, max_rows, E)
         self.needs_encode = np.zeros((n_layers, max_rows), dtype=bool)
         self.has_add = np.zeros((n_layers, max_rows), dtype=bool)
+        self.n_slots = np.zeros((n_layers, max_rows), dtype=np.int64)
         self.token_rows = torch.zeros(max_tokens, dtype=torch.long)                   # (T,)
         self._token_rows_np = self.token_rows.numpy()
         self.encode_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)         # (L, T)
@@ -117,10 +122,13 @@ class SteeringTables:
         self.n_encode = [0] * n_layers
         self.n_capture = [0] * n_layers
         self.layer_add = [False] * n_layers
+        self.slots_used = [0] * n_layers            # most slots of an encoded token's row
         self.h_buf = torch.zeros(n_layers, max_tokens, d, dtype=dtype)               # (L, T, d)
         self.active = False
         self.op_seconds = 0.0                     # time inside the op (resae_stats)
         self._gemm = [EncoderGemm(sae) for sae in resae.saes]
+        self.screens = [TopKScreen.for_sae(sae, gemm) if screen else None
+                        for sae, gemm in zip(resae.saes, self._gemm, strict=True)]
         self.captures: list[LayerCapture | None] = [None] * n_layers
         self._rows: dict[str, _Row] = {}          # row content hash -> row
         self._free = list(range(max_rows - 1, 0, -1))
@@ -168,6 +176,7 @@ class SteeringTables:
                 add += torch.tensor(vec.vector, dtype=torch.float64)
             self.add_vec[i, r] = add.to(self.add_vec.dtype)
             self.needs_encode[i, r] = slot > 0
+            self.n_slots[i, r] = slot
             self.has_add[i, r] = bool(add.abs().sum() > 0)
 
     def _release_row(self, key: str) -> None:
@@ -181,6 +190,7 @@ class SteeringTables:
             self.edit_op[:, row.index].zero_()
             self.needs_encode[:, row.index] = False
             self.has_add[:, row.index] = False
+            self.n_slots[:, row.index] = 0
             self._free.append(row.index)
 
     def claim(self, req_id: str, spec: SteeringSpec | None) -> RequestRows:
@@ -256,6 +266,7 @@ class SteeringTables:
             self.encode_idx[i, : len(enc)] = torch.from_numpy(enc)
             self.capture_idx[i, : len(cap)] = torch.from_numpy(cap)
             self.layer_add[i] = bool(self.has_add[i][token_rows].any())
+            self.slots_used[i] = int(self.n_slots[i][token_rows[enc]].max()) if len(enc) else 0
         self.active = True
 
     def take_captures(self) -> dict[int, tuple[np.ndarray, LayerCapture]]:
@@ -309,11 +320,14 @@ class SteeringTables:
         sae = self.resae.saes[i]
         u = self.resae.sae_input(i, (h if whole else h.index_select(0, idx)).float(),
                                  None if h_prev is None else h_prev.float())
-        pre = self._gemm[i](u.to(self._gemm[i].dtype))                            # (ne, d_sae)
-        feature = self.edit_feature[i].index_select(0, rows)                       # (ne, E)
-        coef = edit_coefficients(codes_at(activate(sae, pre), feature),
-                                 self.edit_op[i].index_select(0, rows),
-                                 self.edit_value[i].index_select(0, rows))
+        used = self.slots_used[i]                 # slots past it are empty in every row
+        feature = self.edit_feature[i, :, :used].index_select(0, rows)             # (ne, s)
+        screen, gemm = self.screens[i], self._gemm[i]
+        z_at = (screen.codes_at(u, feature) if screen is not None
+                else codes_at(activate(sae, gemm(u.to(gemm.dtype))), feature))    # (ne, s)
+        coef = edit_coefficients(z_at,
+                                 self.edit_op[i, :, :used].index_select(0, rows),
+                                 self.edit_value[i, :, :used].index_select(0, rows))
         delta_enc = (self.resae.scales[i] * torch.einsum(
             "ne,ned->nd", coef, sae.W_dec[feature])).to(hidden.dtype)
         if whole:

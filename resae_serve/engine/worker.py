@@ -70,12 +70,17 @@ class ResaeWorkerExtension:
     def resae_stats(self) -> dict[str, float]:
         """Counters: table rows and requests, monitor health, and the time split of the forward
         passes since start (``forward_s`` in all, ``hook_host_s`` on the host, ``op_s`` in the
-        op at every layer)."""
+        op at every layer), and how many edited-feature reads the bfloat16 screen left to
+        exact resolution."""
         hook = _hook()
+        screens = [s for s in hook.tables.screens if s is not None]
         return {"rows_in_use": hook.tables.rows_in_use,
                 "requests": len(hook.tables.known_requests()),
                 "rejected": hook.rejected, "monitor_stalled_steps": hook.monitor.stalled_steps,
                 "monitor_recomputed": hook.monitor.recomputed,
                 "monitor_stored_requests": hook.monitor.stored_keys,
                 "steps": hook.times.steps, "forward_s": hook.times.forward_seconds,
-                "hook_host_s": hook.times.host_seconds, "op_s": hook.tables.op_seconds}
+                "hook_host_s": hook.times.host_seconds, "op_s": hook.tables.op_seconds,
+                "screened_reads": sum(s.reads for s in screens),
+                "screened_reads_resolved_exactly": sum(s.reads_resolved_exactly
+                                                       for s in screens)}
