@@ -18,8 +18,9 @@ Bound, for ``pre_j = u·W_j + c_j`` with ``u`` and ``W`` rounded to bfloat16 (re
     |pre~_j − pre_j| <= ((1 + 2^-8)^2 − 1 + 1.01·d·2^-24 + 2^-8·(1 + 2^-6)) Σ_d |u_d W_dj|
                      <= β · ||u|| · max_j ||W_j||          (Cauchy–Schwarz; β ≈ 0.0118 at d=576)
 
-plus float32 rounding of the bias add. Only used where the GEMM accumulates in float32 (oneDNN
-on CPU); on other devices the op stays in float32.
+plus ``2^-23 (||u|| max_j ||W_j|| + max_j |c_j|)`` for the float32 bias add, and as much again as
+the float32 accumulation for the exact ``pre_f`` (``1.01·d·2^-24``). Only used where the GEMM
+accumulates in float32 (oneDNN on CPU); on other devices the op stays in float32.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ SAFETY = 1.05
 
 def bound_factor(d_in: int) -> float:
     """``β`` for inputs of width ``d_in``, times :data:`SAFETY`."""
-    return SAFETY * ((1 + 2**-8) ** 2 - 1 + 1.01 * d_in * 2**-24 + 2**-8 * (1 + 2**-6))
+    return SAFETY * ((1 + 2**-8) ** 2 - 1 + 2.02 * d_in * 2**-24 + 2**-8 * (1 + 2**-6)
+                     + 2**-23)
 
 
 class TopKScreen:
@@ -51,6 +53,7 @@ class TopKScreen:
         self.bias = bias.float()
         self.columns = W.t().contiguous()                                  # (d_sae, d_in)
         self.bound_scale = bound_factor(W.shape[0]) * float(W.norm(dim=0).max())
+        self.bound_floor = SAFETY * 2**-23 * float(self.bias.abs().max())
         self._ops = ops
         self._handler = ops.create_onednn_mm(W.bfloat16().contiguous(), 32)
         self.reads = 0
@@ -76,8 +79,7 @@ class TopKScreen:
         approx = self._ops.onednn_mm(self._handler, u.bfloat16(), None).float().add_(self.bias)
         kth = approx.topk(self.k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (N, 1)
         pre = torch.bmm(self.columns[feature], u.unsqueeze(2)).squeeze(2) + self.bias[feature]
-        bound = self.bound_scale * u.norm(dim=1, keepdim=True) + 1e-5 * (1 + approx.abs().amax(
-            dim=1, keepdim=True))                                                # (N, 1)
+        bound = self.bound_scale * u.norm(dim=1, keepdim=True) + self.bound_floor   # (N, 1)
         selected = pre - kth > bound
         undecided = (pre > 0) & ~selected & (pre - kth >= -bound)
         z = torch.where(selected, pre.relu(), torch.zeros_like(pre))

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from resae_serve.engine.gemm import EncoderGemm
+from resae_serve.engine.gemm import EncoderGemm, SaeInputs
 from resae_serve.engine.screen import TopKScreen
 from resae_serve.engine.spec import MAX_EDITS_PER_LAYER, SteerEdit, SteeringSpec, SteerVector
 from resae_serve.errors import ResaeError
@@ -127,6 +127,7 @@ class SteeringTables:
         self.active = False
         self.op_seconds = 0.0                     # time inside the op (resae_stats)
         self._gemm = [EncoderGemm(sae) for sae in resae.saes]
+        self._inputs = SaeInputs(resae)
         self.screens = [TopKScreen.for_sae(sae, gemm) if screen else None
                         for sae, gemm in zip(resae.saes, self._gemm, strict=True)]
         self.captures: list[LayerCapture | None] = [None] * n_layers
@@ -318,8 +319,7 @@ class SteeringTables:
             h_prev = None if h_prev is None else h_prev.index_select(0, idx)
         rows = self.token_rows[:n] if whole else self.token_rows.index_select(0, idx)
         sae = self.resae.saes[i]
-        u = self.resae.sae_input(i, (h if whole else h.index_select(0, idx)).float(),
-                                 None if h_prev is None else h_prev.float())
+        u = self._inputs(i, h if whole else h.index_select(0, idx), h_prev)
         used = self.slots_used[i]                 # slots past it are empty in every row
         feature = self.edit_feature[i, :, :used].index_select(0, rows)             # (ne, s)
         screen, gemm = self.screens[i], self._gemm[i]
