@@ -4,12 +4,16 @@ One engine (SmolLM2-135M, the ReSAE model class, torch.compile on unless ``--eag
 workload runs side by side in one process, so ratios compare like with like:
 
 - plain: no spec (the op is still in the graph and returns at once),
-- steer: 4 layers × 2 edits (add + clamp) per request, K distinct configs in the batch,
+- steer: 2 edits per request (the issue's workload): add a feature at one dictionary layer and
+  clamp one at the next (config ``c`` uses layers ``c`` and ``c + 1`` mod 4, so K distinct
+  configs spread their clamps over all 4 layers),
 - monitor: top-8 features at all 4 layers on every request,
-- both.
+- both: steer + monitor,
+- steer ×4, both ×4: a heavier variant, add + clamp at every one of the 4 layers (8 edits per
+  request; a clamp encode at every layer).
 
 ``--profile`` skips vLLM and times the hook's pieces for one decode step of ``--profile-batch``
-requests ("both" workload, K distinct configs) with the same tables, op body and monitor code the
+requests ("both ×4" workload, K distinct configs) with the same tables, op body and monitor code the
 engine runs: host fill (spec lookup + ``prepare_step``), the op body per layer (encode for
 clamp, deltas, capture copy), the monitor's encode of that step and its record building.
 Usage: ``python -m benchmarks.engine [--dictionary DIR] [--batches 1 8 32] [--profile]``.
@@ -56,12 +60,15 @@ def _specs(kind: str, batch: int, configs: int) -> list[Any]:
     specs: list[Any] = []
     for j in range(batch):
         c = j % configs
-        edits = tuple(e for layer in LAYERS for e in (SteerEdit(layer, 10 + c, "add", 2.0),
-                                                      SteerEdit(layer, 100 + c, "clamp", 1.0)))
+        pairs = ([(LAYERS[c % 4], LAYERS[(c + 1) % 4])] if "×4" not in kind
+                 else [(layer, layer) for layer in LAYERS])
+        edits = tuple(e for add_at, clamp_at in pairs
+                      for e in (SteerEdit(add_at, 10 + c, "add", 2.0),
+                                SteerEdit(clamp_at, 100 + c, "clamp", 1.0)))
         monitor = MonitorSpec(LAYERS, top_k=8)
         if kind == "plain":
             specs.append(None)
-        elif kind == "steer":
+        elif kind.startswith("steer"):
             specs.append(SteeringSpec(edits=edits))
         elif kind == "monitor":
             specs.append(SteeringSpec(monitor=monitor, key=f"m{j}"))
@@ -91,7 +98,7 @@ def _run(llm: Any, kind: str, batch: int, configs: int, max_tokens: int) -> Meas
     before = llm.collective_rpc("resae_stats")[0]
     start = time.perf_counter()
     outs = generate_batch(llm, prompts, specs, params)
-    if kind in ("monitor", "both"):
+    if kind.startswith(("monitor", "both")):
         for j in range(batch):
             take_monitor(llm, f"m{j}")
     elapsed = time.perf_counter() - start
@@ -128,7 +135,7 @@ def profile_op(folder: Path, batch: int, configs: int) -> str:
     tables = SteeringTables(resae, max_tokens=2048, max_rows=2 * 32 + 1)
     monitor = Monitor(resae)
     hook = StepHook(tables, monitor)
-    specs = {f"r{j}": s for j, s in enumerate(_specs("both", batch, configs))}
+    specs = {f"r{j}": s for j, s in enumerate(_specs("both ×4", batch, configs))}
 
     # what RunnerBatch reads, for a pure decode step (1 token per request)
     runner = SimpleNamespace(
@@ -229,7 +236,7 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         cells = [("plain", 1)] + [
-            (kind, configs) for kind in ("steer", "monitor", "both")
+            (kind, configs) for kind in ("steer", "monitor", "both", "steer ×4", "both ×4")
             for configs in (args.configs if kind != "monitor" and batch > 1 else [1])
             if configs <= batch]
         runs: dict[tuple[str, int], list[Measured]] = {cell: [] for cell in cells}
@@ -253,7 +260,9 @@ def main() -> None:
                        "python -m benchmarks.engine " + " ".join(
                            f"{k}={v}" for k, v in vars(args).items()), table,
                        f"{args.max_tokens} generated tokens per request, greedy, float32; "
-                       "4 layers, 2 edits per layer (add + clamp), top-8 monitoring; "
+                       "dictionary of 4 layers; steer = 2 edits per request (add at one "
+                       "layer, clamp at the next), ×4 = add + clamp at all 4 layers; top-8 "
+                       "monitoring at all 4 layers; "
                        f"median of {args.rounds} interleaved rounds per cell. forward / hook "
                        "host / op: per forward pass in the worker (resae_stats).")
 
