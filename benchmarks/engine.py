@@ -187,13 +187,33 @@ def profile_op(folder: Path, batch: int, configs: int) -> str:
 
     def pieces() -> list[float]:
         return [_timed(host), sum(_timed(layer_op(i)) for i in range(n_layers)),
-                op_without_screen(), _timed(sae_encodes), _timed(monitor_step)]
+                op_without_screen(), _timed(sae_encodes), _timed(monitor_step),
+                *gemm_pieces()]
+
+    from resae_serve.engine.gemm import EncoderGemm
+
+    u = [inp.contiguous() for inp in inputs]
+    packed = [EncoderGemm(sae) for sae in resae.saes]
+    halves = [(s._handler, s._ops) for s in screens if s is not None]
+    u16 = [x.bfloat16() for x in u]
+
+    def gemm_pieces() -> list[float]:
+        pairs = list(zip(u, resae.saes, packed, strict=True))
+        with torch.no_grad():
+            return [_timed(lambda: [x @ sae.W_enc for x, sae, _ in pairs]),
+                    _timed(lambda: [g(x) for x, _, g in pairs]),
+                    _timed(lambda: [ops.onednn_mm(h, x, None)
+                                    for x, (h, ops) in zip(u16, halves, strict=True)])
+                    if len(halves) == len(u16) else 0.0]
 
     names = ["host fill (new specs parsed once; prepare_step)",
              "op body, 4 layers (clamp read through the bfloat16 screen, deltas, copies)",
              "op body, 4 layers, float32 encode for the clamp read",
              "torch SAE encodes alone, 4 layers (matmul + top-k)",
-             "monitor thread, one step: encodes + records, 4 layers"]
+             "monitor thread, one step: encodes + records, 4 layers",
+             f"encoder GEMMs alone, 4 layers × {batch} rows: torch.matmul, float32",
+             "… packed oneDNN (EncoderGemm), float32",
+             "… packed oneDNN, bfloat16 (the screen's)"]
     threads = torch.get_num_threads()
     columns = {threads: pieces()}
     torch.set_num_threads(1)
@@ -224,7 +244,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO)
     if args.profile:
         folder = args.dictionary or random_dictionary(Path(tempfile.mkdtemp()) / "dict")
-        print(profile_op(folder, args.profile_batch, args.profile_configs))
+        table = profile_op(folder, args.profile_batch, args.profile_configs)
+        print(table)
+        if not args.no_append:
+            append_results("Engine op pieces, one decode step (no vLLM)",
+                           "python -m benchmarks.engine --profile", table,
+                           "Workload both ×4 (add + clamp at all 4 layers, top-8 monitoring); "
+                           "random dictionary of the real shape; median of 30 calls per piece. "
+                           "Inside the engine the worker runs 1 torch thread.")
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from resae_serve.engine.llm import build_llm

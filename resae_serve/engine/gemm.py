@@ -42,18 +42,22 @@ class PackedLinear:
         self.weight, self.bias, self.dtype = weight.detach(), bias.detach(), weight.dtype
         self._ops: Any = onednn_ops() if packed and weight.device.type == "cpu" else None
         self._handler: Any = None
-        if self._ops is not None:
-            try:
-                self._handler = self._ops.create_onednn_mm(self.weight.contiguous(), 32)
-            except RuntimeError as err:
-                logger.warning("no oneDNN matmul for a %s weight (%s); using torch",
-                               tuple(weight.shape), err)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in) in ``dtype`` -> (N, out)."""
+        if self._ops is not None and self._handler is None:
+            self._pack()                       # on first use: a second copy of the weight
         if self._handler is not None:
             return self._ops.onednn_mm(self._handler, x, self.bias)
         return torch.addmm(self.bias, x, self.weight)
+
+    def _pack(self) -> None:
+        try:
+            self._handler = self._ops.create_onednn_mm(self.weight.contiguous(), 32)
+        except RuntimeError as err:
+            logger.warning("no oneDNN matmul for a %s weight (%s); using torch",
+                           tuple(self.weight.shape), err)
+            self._ops = None
 
 
 class EncoderGemm(PackedLinear):

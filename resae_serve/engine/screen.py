@@ -21,6 +21,9 @@ Bound, for ``pre_j = u·W_j + c_j`` with ``u`` and ``W`` rounded to bfloat16 (re
 plus ``2^-23 (||u|| max_j ||W_j|| + max_j |c_j|)`` for the float32 bias add, and as much again as
 the float32 accumulation for the exact ``pre_f`` (``1.01·d·2^-24``). Only used where the GEMM
 accumulates in float32 (oneDNN on CPU); on other devices the op stays in float32.
+
+Memory: a bfloat16 copy of ``W_enc`` and a float32 copy of its transpose (whose rows gather fast
+for the exact ``pre_f``).
 """
 
 from __future__ import annotations

@@ -7,18 +7,20 @@ Per dictionary layer ``i`` (rows ``r``; row 0 = no intervention, never written):
     needs_encode[i, r]   host bool: the row has a slot that reads the feature's value
 
 Each step the host writes one row index per token of the flat batch (``token_rows``) and, per
-layer, the flat positions of tokens that need encoding (a slot reads a feature's value, or the
-request monitors the layer). :meth:`SteeringTables.apply` then, at layer ``i`` with block output
-``h = hidden + residual`` (vLLM defers the residual add)::
+layer, the flat positions of the tokens whose row has a slot that reads a feature's value (clamp,
+scale, ablate) and of the tokens to monitor. :meth:`SteeringTables.apply` then, at layer ``i``
+with block output ``h = hidden + residual`` (vLLM defers the residual add)::
 
-    pre    = SAE_i.pre_acts(u_i(h, h_prev))        one GEMM per layer for steering and monitoring
-    z      = SAE_i.activate(pre)
+    z[f_e] = SAE_i.encode(u_i(h, h_prev))[f_e]     only the tokens with reading slots
     δ      = add_vec[i, row] + σ_i Σ_e coef(z[f_e], op_e, v_e) W_dec[f_e]   (feature_delta)
     hidden += δ                                    so the block output becomes h + δ
 
 which is :meth:`resae_serve.resae.ReSAE.intervention_delta` with the add edits folded into
-``add_vec``. ``h_prev`` is the previous dictionary layer's block output in the same pass, after
-that layer's edits (what the stream actually carried), kept in the persistent ``h_buf``.
+``add_vec``. The reads go through :class:`~resae_serve.engine.screen.TopKScreen` for TopK SAEs
+on CPU (bfloat16 GEMM, exact codes), else a float32 encode with packed weights
+(:mod:`resae_serve.engine.gemm`). ``h_prev`` is the previous dictionary layer's block output
+in the same pass, after that layer's edits (what the stream actually carried), kept in the
+persistent ``h_buf``.
 
 Monitoring reports the codes of the edited block output ``h + δ``, encoded on the monitor's
 thread, off the decode path (:mod:`resae_serve.engine.monitor`): the op copies ``h + δ`` of the
