@@ -49,7 +49,7 @@ class StepCapture:
     counts: np.ndarray
     starts: np.ndarray
     layers: dict[int, tuple[np.ndarray, LayerCapture]] = field(default_factory=dict)
-    """Dictionary position → (flat token indices (n,), the op's codes and block outputs)."""
+    """Dictionary position → (flat token indices (n,), the edited block outputs)."""
 
 
 def _summaries(codes: Codes, d_sae: int, k: int, columns: list[int]
