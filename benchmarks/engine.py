@@ -260,6 +260,7 @@ def main() -> None:
     llm = build_llm("smollm2-135m", folder, max_model_len=256, max_num_seqs=max(args.batches),
                     enforce_eager=args.eager)
     _run(llm, "both", 2, 2, 4)  # warm the monitor thread and the first shapes
+    first = llm.collective_rpc("resae_stats")[0]
     rows = []
     for batch in args.batches:
         cells = [("plain", 1)] + [
@@ -280,7 +281,14 @@ def main() -> None:
     table = ("| batch | workload | K configs | output tok/s | ms / token step | forward ms | "
              "hook host ms | op ms (all layers) | vs plain |\n"
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
+    last = llm.collective_rpc("resae_stats")[0]
+    reads = last["screened_reads"] - first["screened_reads"]
+    exact = last["screened_reads_resolved_exactly"] - first["screened_reads_resolved_exactly"]
+    screen = (f"bfloat16 screen: {reads:.0f} edited-feature reads, {exact:.0f} "
+              f"({exact / max(1, reads):.1%}) resolved exactly." if reads else
+              "bfloat16 screen off or not applicable.")
     print(table)
+    print(screen)
     mode = "eager" if args.eager else "compiled (torch.compile, Inductor)"
     if not args.no_append:
         append_results(f"Engine steering / monitoring, SmolLM2-135M, {mode}",
@@ -291,7 +299,7 @@ def main() -> None:
                        "layer, clamp at the next), ×4 = add + clamp at all 4 layers; top-8 "
                        "monitoring at all 4 layers; "
                        f"median of {args.rounds} interleaved rounds per cell. forward / hook "
-                       "host / op: per forward pass in the worker (resae_stats).")
+                       "host / op: per forward pass in the worker (resae_stats). " + screen)
 
 
 if __name__ == "__main__":
