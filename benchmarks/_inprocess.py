@@ -13,7 +13,6 @@ import json
 import logging
 import tempfile
 import threading
-import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,17 +69,3 @@ def in_process_server(streams: int, tokens: int, max_pending: int, kv_cache_gib:
             server_loop.run(server.stop(0))
             if loop is None:
                 server_loop.loop.call_soon_threadsafe(server_loop.loop.stop)
-
-
-
-def wait_idle(server: Any, timeout_s: float = 30.0) -> dict[str, int]:
-    """Poll until the server holds nothing of past calls; what it still holds at the end.
-
-    Counts: open streams, admitted calls, resident steering configs and requests unfinished
-    in the engine (all 0 when idle)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        state = server.held()
-        if not any(state.values()) or time.monotonic() > deadline:
-            return state
-        time.sleep(0.1)

@@ -1,4 +1,4 @@
-"""Long fuzz run of the gRPC server against the oracle of ``tests/integration/fuzz_strategies``.
+"""Long fuzz run of the gRPC server against the oracle of ``tests/integration/fuzz_oracle``.
 
     python -m benchmarks.fuzz_server --cases 10000 [--seed N] [--out docs/fuzz-results.json]
 
@@ -106,18 +106,15 @@ def _health(channel: Any) -> str:
 
 def _check_server(server: Any, channel: Any, tally: Tally) -> None:
     """Record a crash (engine gone or health not SERVING) or a server that stays busy."""
-    from tests.integration.fuzz_strategies import wait_idle
-
     health = _health(channel)
     if server.service.engine is None or health != "SERVING":
         engine = "up" if server.service.engine is not None else f"down ({server.service.failure})"
         tally.crash = f"after {tally.cases} cases: health {health}, engine {engine}"
         return
-    try:
-        wait_idle(server, timeout=30.0)
-    except AssertionError as exc:
+    held = server.wait_idle(30.0)
+    if any(held.values()):
         tally.not_idle += 1
-        logger.warning("not idle after %d cases: %s", tally.cases, exc)
+        logger.warning("not idle after %d cases: %s", tally.cases, held)
 
 
 def quotas(n_cases: int, raw_share: int) -> dict[tuple[str, bool], int]:
@@ -140,7 +137,7 @@ def send_case(server: Any, channel: Any, tally: Tally, rpc: str, payload: Any,
     """Send one case, judge it against the oracle and count it."""
     import grpc
 
-    from tests.integration.fuzz_strategies import default_oracle, problems, send
+    from tests.integration.fuzz_oracle import default_oracle, problems, send
 
     raw = isinstance(payload, bytes)
     oracle = default_oracle()
@@ -234,7 +231,7 @@ def summary(tally: Tally, args: argparse.Namespace, seed: int, wall_s: float,
             memory: dict[str, dict[str, float]], health: str, idle: bool) -> dict[str, Any]:
     """The JSON summary of a run."""
     from benchmarks._common import machine_description
-    from tests.integration.fuzz_strategies import KNOWN_BUGS
+    from tests.integration.fuzz_oracle import KNOWN_BUGS
 
     by_code: Counter[str] = Counter()
     for counts in tally.by_rpc.values():
@@ -286,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("resae_serve").setLevel(logging.WARNING)
     import grpc
 
-    from tests.integration.fuzz_strategies import default_oracle, server_idle, wait_idle
+    from tests.integration.fuzz_oracle import default_oracle
     from tests.integration.server_harness import ServerLoop, base_config, build_dictionary
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
@@ -304,11 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                 tally = run_cases(server, channel, args.cases, seed, args.hang_s,
                                   args.raw_share)
                 wall_s = time.perf_counter() - start
-                try:
-                    wait_idle(server, timeout=30.0)
-                except AssertionError as exc:
-                    logger.warning("%s", exc)
-                idle, health = server_idle(server), _health(channel)
+                held = server.wait_idle(30.0)
+                if any(held.values()):
+                    logger.warning("server still holds %s after 30 s", held)
+                idle, health = not any(held.values()), _health(channel)
                 memory["after"] = memory_mb()
         finally:
             loop.close()

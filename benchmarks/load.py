@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
-from benchmarks._inprocess import in_process_server, wait_idle
+from benchmarks._inprocess import in_process_server
 from benchmarks._memory import MemorySampler, MemoryStats, listening_pid
 
 logger = logging.getLogger("benchmarks.load")
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             table = load_tables(result)
             data = asdict(result)
         if not args.target:
-            data["server_after"] = after = wait_idle(server)
+            data["server_after"] = after = server.wait_idle()
             table += ("\n\nServer after the run (polled up to 30 s): "
                       + ", ".join(f"{k} {v}" for k, v in after.items()))
             if any(after.values()):

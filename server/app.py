@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,14 @@ class ResaeServer:
                 "resident_configs": service.engine.admission.resident if service.engine else 0,
                 "engine_unfinished": llm.output_processor.get_num_unfinished_requests()
                 if llm is not None else 0}
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, int]:
+        """Block until :meth:`held` is all 0 or ``timeout`` seconds pass; what the server still
+        holds then. Call it from a thread other than the server's event loop (tests, tools)."""
+        deadline = time.monotonic() + timeout
+        while any((state := self.held()).values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return state
 
     async def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait for the engine; True when serving, False when it failed to load."""

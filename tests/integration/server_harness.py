@@ -119,3 +119,10 @@ def base_config(dictionary: Path, **overrides: Any) -> Any:
                                                 max_configs=8),
                           grace_s=2.0)
     return replace(config, **overrides)
+
+
+def assert_idle(server: Any, timeout: float = 30.0) -> None:
+    """Wait until the server holds nothing of past calls (``ResaeServer.held``): no open
+    stream, admitted call, resident steering config or unfinished engine request."""
+    held = server.wait_idle(timeout)
+    assert not any(held.values()), f"server still holds {held} after {timeout} s"

