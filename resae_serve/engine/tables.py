@@ -4,7 +4,7 @@ Per dictionary layer ``i`` (rows ``r``; row 0 = no intervention, never written):
 
     add_vec[i, r]        (R, d)    Σ α·σ_i·W_dec[f] over add edits + Σ raw vectors
     edit_*[i, r, e]      (R, E)    clamp / scale / ablate slots (feature, EditOp, value)
-    needs_encode[i, r]   host bool: the row has a slot that reads the feature's value
+    n_slots[i, r]        host int: slots in use (they read their feature's value: encode)
 
 Each step the host writes one row index per token of the flat batch (``token_rows``) and, per
 layer, the flat positions of the tokens whose row has a slot that reads a feature's value (clamp,
@@ -114,7 +114,6 @@ class SteeringTables:
         self.edit_feature = torch.zeros(n_layers, max_rows, E, dtype=torch.long)      # (L, R, E)
         self.edit_op = torch.zeros(n_layers, max_rows, E, dtype=torch.long)
         self.edit_value = torch.zeros(n_layers, max_rows, E)
-        self.needs_encode = np.zeros((n_layers, max_rows), dtype=bool)
         self.has_add = np.zeros((n_layers, max_rows), dtype=bool)
         self.n_slots = np.zeros((n_layers, max_rows), dtype=np.int64)
         self.token_rows = torch.zeros(max_tokens, dtype=torch.long)                   # (T,)
@@ -178,7 +177,6 @@ class SteeringTables:
             for vec in (v for v in vectors if v.layer == layer):
                 add += torch.tensor(vec.vector, dtype=torch.float64)
             self.add_vec[i, r] = add.to(self.add_vec.dtype)
-            self.needs_encode[i, r] = slot > 0
             self.n_slots[i, r] = slot
             self.has_add[i, r] = bool(add.abs().sum() > 0)
 
@@ -191,7 +189,6 @@ class SteeringTables:
             del self._rows[key]
             self.add_vec[:, row.index].zero_()
             self.edit_op[:, row.index].zero_()
-            self.needs_encode[:, row.index] = False
             self.has_add[:, row.index] = False
             self.n_slots[:, row.index] = 0
             self._free.append(row.index)
@@ -260,7 +257,7 @@ class SteeringTables:
         self._token_rows_np[:total] = token_rows
         self._token_rows_np[total:n_tokens] = 0
         for i in range(len(self.layers)):
-            slots = self.needs_encode[i][token_rows]                               # (total,)
+            slots = self.n_slots[i][token_rows]                                    # (total,)
             wanted = np.array([i in r.monitor_layers for r in rows], dtype=bool)
             monitored = wanted[tok_req] if wanted.any() else np.zeros(total, dtype=bool)
             enc = np.flatnonzero(slots)
@@ -269,7 +266,7 @@ class SteeringTables:
             self.encode_idx[i, : len(enc)] = torch.from_numpy(enc)
             self.capture_idx[i, : len(cap)] = torch.from_numpy(cap)
             self.layer_add[i] = bool(self.has_add[i][token_rows].any())
-            self.slots_used[i] = int(self.n_slots[i][token_rows[enc]].max()) if len(enc) else 0
+            self.slots_used[i] = int(slots.max()) if len(enc) else 0
         self.active = True
 
     def take_captures(self) -> dict[int, tuple[np.ndarray, LayerCapture]]:
