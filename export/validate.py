@@ -14,6 +14,8 @@ the full report goes to ``export_manifest.json`` under ``validation``.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +75,31 @@ class OutputCheck:
 
     @property
     def excess(self) -> float:
-        """How far past its tolerance (> 1 fails); index mismatches count as infinite."""
+        """``max_abs / allowed``, how far past its tolerance (> 1 fails); the one place that
+        divides by ``allowed``. That is 0 for index outputs (judged by mismatched tokens) and
+        exact tolerances, where any difference counts as infinite, as do mismatches and NaN."""
+        if self.index_mismatch_tokens or math.isnan(self.max_abs):
+            return math.inf
+        if self.allowed > 0:
+            return self.max_abs / self.allowed
+        return 0.0 if self.max_abs == 0 else math.inf
+
+    def share(self) -> str:
+        """:attr:`excess` in words: ``exact``, ``3% of allowed``, ``12.5× allowed``, …"""
         if self.index_mismatch_tokens:
-            return float("inf")
-        return self.max_abs / self.allowed if self.allowed > 0 else float(self.max_abs > 0)
+            return (f"{self.index_mismatch_tokens} of {self.tokens} tokens select other latents "
+                    "than torch")
+        if math.isnan(self.max_abs):
+            return "not a number"
+        if self.max_abs == 0:
+            return "exact"
+        if self.allowed == 0:
+            return "exceeds a tolerance of 0"
+        if self.excess >= 1000:
+            return f"{self.excess:,.0f}× allowed"
+        if self.excess > 1:
+            return f"{self.excess:.3g}× allowed"
+        return f"{self.excess:.0%} of allowed" if self.excess >= 0.01 else "<1% of allowed"
 
     def describe(self) -> str:
         if self.index_mismatch_tokens:
@@ -85,7 +108,7 @@ class OutputCheck:
                     f"other latents than torch away from any tie; {self.worst}")
         return (f"{self.graph} ({self.precision}) output {self.output!r} on {self.probe} "
                 f"activations: max |ours − torch| = {self.max_abs:.3e} ({self.worst}), "
-                f"relative {self.max_rel:.2e}; allowed {self.allowed:.3e}")
+                f"relative {self.max_rel:.2e}; allowed {self.allowed:.3e} ({self.share()})")
 
 
 @dataclass(frozen=True)
@@ -99,11 +122,45 @@ class ValidationReport:
         return all(c.passed for c in self.checks)
 
     def worst(self) -> OutputCheck:
-        return max(self.checks, key=lambda c: c.excess)
+        return worst_check(self.checks)
+
+    def of_graph(self, graph: str, precision: str) -> tuple[OutputCheck, ...]:
+        """The checks of one graph file (name and precision)."""
+        return tuple(c for c in self.checks if c.graph == graph and c.precision == precision)
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed,
                 "checks": [{**asdict(c), "passed": c.passed} for c in self.checks]}
+
+
+def worst_check(checks: Sequence[OutputCheck]) -> OutputCheck:
+    """The check furthest past its tolerance. Among equals (all infinitely past, or all
+    exact): the most index mismatches, then the largest difference, then a value check, so
+    integer outputs are named only when they fail; then the first."""
+    if not checks:
+        raise ExportError("no checks to choose the worst of")
+    return max(checks, key=lambda c: (c.excess, c.index_mismatch_tokens,
+                                      math.inf if math.isnan(c.max_abs) else c.max_abs,
+                                      c.allowed > 0))
+
+
+def summarize(checks: Sequence[OutputCheck]) -> str:
+    """One line for the checks of one graph: how close to torch, and the worst check (output,
+    probe, share of its tolerance); tie tokens left out of the comparison are counted."""
+    if not checks:
+        return "not checked"
+    worst = worst_check(checks)
+    ties = sum(c.tie_tokens for c in checks if c.output.startswith("indices_"))
+    tie_note = f", {ties} tie tokens" if ties else ""
+    if not worst.passed:
+        detail = (worst.share() if worst.index_mismatch_tokens
+                  else f"max abs {worst.max_abs:.2e} ({worst.share()})")
+        return f"FAILED: {worst.output} on {worst.probe}, {detail}{tie_note}"
+    if worst.max_abs == 0:
+        return f"exact: max abs 0 in all {len(checks)} checks{tie_note}"
+    return (f"max abs {max(c.max_abs for c in checks):.2e}, max rel "
+            f"{max(c.max_rel for c in checks):.2e} (worst: {worst.output} on {worst.probe}, "
+            f"{worst.share()}){tie_note}")
 
 
 def _near_boundary(s: LayerScores, window: float) -> np.ndarray:

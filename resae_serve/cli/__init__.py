@@ -1,8 +1,9 @@
 """The ``resae`` command line: one sub-module per subcommand.
 
 Each sub-module defines ``add_parser(subparsers)`` and ``run(args) -> int``. Library errors
-(:class:`~resae_serve.errors.ResaeError`) end the command with their message and exit status 2;
-anything else is a bug and keeps its traceback.
+(:class:`~resae_serve.errors.ResaeError`) and refusals of the operating system (``OSError``) end
+the command with one line and exit status 2; anything else (likely a bug) with one line and
+exit status 1. ``-v`` logs the traceback of either.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Sequence
 from resae_serve import __version__
 from resae_serve.errors import ResaeError
 
-SUBCOMMANDS = ("fetch", "capture", "train", "eval", "features", "export", "serve", "client")
+SUBCOMMANDS = ("fetch", "capture", "train", "import_", "eval", "features", "export",
+               "export_saelens", "serve", "client")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +43,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    log = logging.getLogger("resae")
     try:
         return int(args.run(args))
     except ResaeError as exc:
-        logging.getLogger("resae").debug("failed", exc_info=True)
+        log.debug("failed", exc_info=True)
         sys.stderr.write(f"resae {args.command}: error: {exc}\n")
+        return 2
+    except OSError as exc:  # the machine refused: permissions, a full disk, a missing path
+        log.debug("failed", exc_info=True)
+        what = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        where = f": {exc.filename}" if exc.filename is not None and exc.strerror else ""
+        sys.stderr.write(f"resae {args.command}: error: {what}{where}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as exc:  # unforeseen, likely a bug: one line here, the traceback with -v
+        log.debug("unexpected error", exc_info=True)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"resae {args.command}: unexpected error: {type(exc).__name__}: "
+                         f"{first} (-v shows the traceback)\n")
+        return 1

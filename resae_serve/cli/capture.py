@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +40,45 @@ def parse_layers(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def parse_device(text: str) -> str:
+    """A torch device this machine can use (``cpu``, ``cuda``, ``cuda:1``), checked up front."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; e.g. cpu, cuda, "
+                                         "cuda:1") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch reports a missing backend either way
+        reason = (str(exc).strip().split(". ")[0].splitlines() or [type(exc).__name__])[0]
+        raise argparse.ArgumentTypeError(f"{text!r} is not usable here ({reason.rstrip('.')})"
+                                         ) from None
+    return text
+
+
+def output_folder(text: str) -> Path:
+    """An ``--out`` folder to write into: any path except an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is an existing file; give a folder")
+    return path
+
+
+def replaced_folder(marker: str) -> Callable[[str], Path]:
+    """An ``--out`` folder that is replaced as a whole: it must be new, empty, or an earlier
+    output (holding ``marker``), so that nothing else in it is deleted."""
+
+    def parse(text: str) -> Path:
+        path = output_folder(text)
+        if path.is_dir() and not (path / marker).is_file() and any(path.iterdir()):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} holds files but no {marker}; it would be replaced as a whole, so "
+                "give a new or empty folder (or an earlier output to overwrite)")
+        return path
+
+    return parse
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``resae capture``."""
     p = subparsers.add_parser(
@@ -64,7 +103,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="storage dtype of activations")
     p.add_argument("--model-dtype", default="float32", choices=sorted(DTYPES),
                    help="dtype the model runs in")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=parse_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to run the model on (default: %(default)s)")
     p.add_argument("--no-skip-bos", dest="skip_bos", action="store_false",
                    help="keep the BOS position")
     p.add_argument("--no-prepend-bos", dest="prepend_bos", action="store_false",
@@ -78,7 +119,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shuffle-buffer", type=int, default=0,
                    help="shuffle through a buffer of this many tokens (0: corpus order)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write safetensors shards here")
+    p.add_argument("--out", type=output_folder, default=None,
+                   help="write safetensors shards here")
     p.add_argument("--tokens-per-shard", type=int, default=65_536)
     p.set_defaults(run=run)
 

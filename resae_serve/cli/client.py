@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -80,6 +81,17 @@ def parse_steer(spec: str) -> pb.Intervention:
         raise ResaeError(f"--steer {spec!r}: {exc}") from None
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (an argparse ``type``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}; expected a number of seconds > 0")
+    return value
+
+
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("connection")
@@ -91,7 +103,7 @@ def _common() -> argparse.ArgumentParser:
     group.add_argument("--tls-cert", type=Path, metavar="PEM",
                        help="client certificate for mutual TLS (with --tls-key)")
     group.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key")
-    group.add_argument("--timeout", type=float, metavar="SECONDS",
+    group.add_argument("--timeout", type=_seconds, metavar="SECONDS",
                        help="deadline of each call (default: none)")
     return common
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from resae_serve.cli.capture import output_folder
 from resae_serve.evaluation.report import EvalConfig, run_evaluation, write_report
 from resae_serve.evaluation.splice import SPLICE_MODES
 
@@ -37,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dictionary", type=Path, help="dictionary folder")
     p.add_argument("--against", type=Path, action="append", default=[],
                    help="another dictionary to compare with (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="report folder to write")
+    p.add_argument("--out", type=output_folder, required=True, help="report folder to write")
     p.add_argument("--model", help="model folder or embedded name (default: the dictionary's)")
     p.add_argument("--corpus", help="corpus whose held-out split is used (default: the "
                    "dictionary's)")

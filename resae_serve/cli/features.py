@@ -69,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ResaeError(f"--top {args.top}; must be at least 1")
     catalog = None if args.build else load_catalog(args.dictionary)  # fail before the model
+    if catalog is not None and args.layer is not None and args.layer not in catalog.layers:
+        raise ResaeError(f"--layer {args.layer} is not in this dictionary; its layers are "
+                         f"{list(catalog.layers)}")
     model_dir, (dictionary,) = load_dictionaries([args.dictionary], model=args.model,
                                                  corpus=args.corpus)
     model, tokenizer = load_model(model_dir)

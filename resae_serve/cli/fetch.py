@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from resae_serve.cache import verify_checksums
 from resae_serve.corpus import DEFAULT_CORPUS, NAMED_CORPORA, fetch_corpus
 from resae_serve.errors import ResaeError
 from resae_serve.models import DEFAULT_MODEL, EMBEDDED_MODELS, fetch_embedded_model
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.verify:
         problems = verify_checksums(model_dir, full=True) + verify_checksums(corpus_dir, full=True)
         if problems:
-            raise ResaeError("cache verification failed (run with --force to rebuild):\n  "
-                             + "\n  ".join(problems))
+            for problem in problems:
+                logger.debug("%s", problem)
+            more = f" (and {len(problems) - 1} more; -v lists them)" if len(problems) > 1 else ""
+            raise ResaeError(f"cache verification failed: {problems[0]}{more}; run `resae "
+                             "fetch --force` to rebuild")
     sys.stdout.write(f"model  {args.model}: {model_dir}\ncorpus {args.corpus}: {corpus_dir}\n")
     return 0

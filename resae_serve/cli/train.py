@@ -10,13 +10,14 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from resae_serve.artifact import read_manifest
-from resae_serve.cli.capture import parse_layers
+from resae_serve.artifact import MANIFEST, read_manifest
+from resae_serve.cli.capture import parse_layers, replaced_folder
 from resae_serve.errors import ResaeError
+from resae_serve.models import resolve_model
 from resae_serve.pipeline import DataConfig, train_dictionary
 from resae_serve.resae import MODES
 from resae_serve.saes import ARCHITECTURES
-from resae_serve.train import TrainConfig
+from resae_serve.train import TrainConfig, TrainError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "interrupted run resumes from OUT.checkpoint.pt when started again.",
     )
     p.add_argument("--config", type=Path, help="JSON or TOML file of settings")
-    p.add_argument("--out", type=Path, required=True, help="dictionary folder to write")
+    p.add_argument("--out", type=replaced_folder(MANIFEST), required=True,
+                   help="dictionary folder to write (replaced as a whole)")
     p.add_argument("--force", action="store_true",
                    help="retrain even if OUT already holds a dictionary with these settings")
     p.add_argument("--model", help="local Hugging Face folder or embedded name "
@@ -111,12 +113,30 @@ def _existing_summary(out: Path, data: DataConfig, train: TrainConfig) -> dict[s
     return summary
 
 
+def check_sae_settings(data: DataConfig, train: TrainConfig) -> None:
+    """Refuse SAE settings the model's width rules out (e.g. ``k`` above ``d_sae``, ``lr``
+    0) before anything is captured, rather than after capture and calibration."""
+    from transformers import AutoConfig
+
+    d_model = getattr(AutoConfig.from_pretrained(resolve_model(data.model)), "hidden_size", None)
+    if not isinstance(d_model, int):
+        return  # an unusual config: the trainer checks once activations give the width
+    try:
+        train.sae_config(d_model)
+    except ValueError as exc:  # SAEConfig states the field, value and what is allowed
+        raise TrainError(f"{exc} (d_model={d_model} for model {data.model})") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     """Train (unless already done), then print the held-out metrics per layer."""
     data, train = build_configs(args)
     summary = None if args.force else _existing_summary(args.out, data, train)
     if summary is None:
-        summary = train_dictionary(data, train, args.out, progress=not args.quiet)
+        check_sae_settings(data, train)
+        try:
+            summary = train_dictionary(data, train, args.out, progress=not args.quiet)
+        except ValueError as exc:  # calibration reports too short a token stream this way
+            raise TrainError(str(exc)) from exc
     fits = {row["layer"]: row for row in json.loads(
         (args.out / "manifest.json").read_text())["affine"]}
     lines = [f"{train.mode} dictionary in {args.out} ({summary['tokens_seen']} tokens, "
