@@ -1,4 +1,5 @@
-"""The dictionary artifact: a folder with ``manifest.json`` and safetensors files (DESIGN §4).
+"""The dictionary artifact: a folder with ``manifest.json`` and safetensors files
+(docs/ARCHITECTURE.md §4).
 
     manifest.json           schema version, model identity + fingerprint, hook semantics, mode,
                             layers, d_model, scales, per-layer SAE configs, affine fit summary,

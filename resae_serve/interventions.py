@@ -1,7 +1,7 @@
 """Feature interventions: per-request specs and the pure tensor ops that apply them.
 
 At layer m with scale ``s_m`` (``σ_m`` for residual layers) and decoder row ``d_i`` of feature
-``i`` (DESIGN.md §1.5)::
+``i`` (docs/ARCHITECTURE.md §1.5)::
 
     add     h += α · s_m · d_i                   (value = α)
     clamp   h += s_m · (v − z_i) · d_i           (value = v; error-preserving: the SAE's

@@ -1,4 +1,4 @@
-"""Streaming reconstruction metrics (SAEBench definitions, DESIGN.md §2).
+"""Streaming reconstruction metrics (SAEBench definitions, docs/ARCHITECTURE.md §2).
 
 FVE = 1 − E‖x − x̂‖² / (E‖x‖² − ‖E x‖²), pooled over all tokens seen; accumulated in float64
 so that a stream of batches gives the same number as one big batch.

@@ -1,6 +1,7 @@
 """The ``ReSAE`` module: a chain of per-layer SAEs linked by affine maps (the torch oracle).
 
-Selected layers ``l_0 < … < l_M`` with block outputs ``h_m`` (DESIGN.md §1). In ``resae`` mode::
+Selected layers ``l_0 < … < l_M`` with block outputs ``h_m`` (docs/ARCHITECTURE.md §1). In
+``resae`` mode::
 
     u_0 = h_0 / s_0                      r_m = h_m − A_m h_{m−1} − c_m     u_m = r_m / σ_m
     z_m = SAE_m.encode(u_m)

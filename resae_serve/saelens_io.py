@@ -1,4 +1,4 @@
-"""Per-layer export of a dictionary to SAELens' on-disk SAE format (DESIGN.md §4).
+"""Per-layer export of a dictionary to SAELens' on-disk SAE format (docs/ARCHITECTURE.md §4).
 
 SAELens keeps one SAE per folder::
 

@@ -1,7 +1,7 @@
 """Evaluation of dictionaries: reconstruction, splicing, redundancy, linear propagation, reports.
 
 Each module holds one measurement; :mod:`~resae_serve.evaluation.report` runs them all for
-``resae eval``. Definitions follow DESIGN.md §1.6 and §2.
+``resae eval``. Definitions follow docs/ARCHITECTURE.md §1.6 and §2.
 """
 
 from resae_serve.evaluation.chain import ChainStep, chain_step, inference_resae, teacher_forced

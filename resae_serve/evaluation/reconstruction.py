@@ -1,4 +1,4 @@
-"""Per-layer reconstruction metrics on held-out activations (DESIGN.md §2).
+"""Per-layer reconstruction metrics on held-out activations (docs/ARCHITECTURE.md §2).
 
 For every dictionary layer: activation-space FVE (through the chain in resae mode), FVE of
 the SAE's own input, residual-space FVE, MSE, cosine, L0, dead and dense fractions and

@@ -1,4 +1,4 @@
-"""Decoder redundancy between consecutive dictionary layers (DESIGN.md §2).
+"""Decoder redundancy between consecutive dictionary layers (docs/ARCHITECTURE.md §2).
 
 For each latent of layer m ≥ 1: the largest ``|cos|`` between its decoder row and the rows of
 layer m − 1, raw and after mapping those rows forward by ``A_m`` (``A_m d_{m−1,j}``: where a

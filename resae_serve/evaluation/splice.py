@@ -1,6 +1,6 @@
 """Splicing: replace block outputs by dictionary reconstructions inside a forward pass.
 
-Conditions, all scored on the same tokens (DESIGN.md §1.6, §2):
+Conditions, all scored on the same tokens (docs/ARCHITECTURE.md §1.6, §2):
 
 - **single layer m**: only ``h_m`` is replaced by ``x̂_m`` (chain reconstruction from clean
   encodings; the same in both modes, since nothing upstream changed);

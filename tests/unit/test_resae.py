@@ -1,4 +1,4 @@
-"""The ReSAE module against hand computations of DESIGN.md §1."""
+"""The ReSAE module against hand computations of docs/ARCHITECTURE.md §1."""
 
 from __future__ import annotations
 
