@@ -11,7 +11,8 @@ and ``read(path, *, model, layer, k) -> ImportedSAE``:
 :func:`import_dictionary` turns several SAEs (one per layer) into one ``layerwise`` dictionary
 (docs/ARCHITECTURE.md §4) for a given model, with scale 1.0 per layer and every library
 option folded into the weights, so the dictionary's codes equal each library's own ``encode``
-of the same block outputs. Hook names map to block outputs as :mod:`resae_serve.importers.hooks` says.
+of the same block outputs. Hook names map to block outputs as
+:mod:`resae_serve.importers.hooks` says.
 """
 
 from __future__ import annotations
