@@ -42,6 +42,8 @@ LAYERS = (6, 12, 18, 24)
 def random_dictionary(folder: Path, d_sae: int = 4608, k: int = 32) -> Path:
     """A random resae-mode dictionary of the real one's shape (costs are shape-bound)."""
     from resae_serve.artifact import ModelIdentity, save_artifact
+    from resae_serve.fingerprint import model_fingerprint
+    from resae_serve.models import resolve_model
     from resae_serve.resae import ReSAE
     from resae_serve.saes import SAEConfig, build_sae
 
@@ -50,8 +52,9 @@ def random_dictionary(folder: Path, d_sae: int = 4608, k: int = 32) -> Path:
     saes = [build_sae(SAEConfig(architecture="topk", d_in=d, d_sae=d_sae, k=k)) for _ in LAYERS]
     affine = [None] + [(torch.eye(d), torch.zeros(d)) for _ in LAYERS[1:]]
     resae = ReSAE(LAYERS, saes, [4.0, 2.0, 2.0, 2.0], mode="resae", affine=affine)
-    return save_artifact(resae, folder, ModelIdentity("smollm2-135m", "sha256:bench", "llama",
-                                                      30, d))
+    fingerprint = model_fingerprint(resolve_model("smollm2-135m"))  # the engine checks it
+    return save_artifact(resae, folder, ModelIdentity("smollm2-135m", fingerprint, "llama", 30,
+                                                      d))
 
 
 def _specs(kind: str, batch: int, configs: int) -> list[Any]:
@@ -90,21 +93,22 @@ class Measured(NamedTuple):
 def _run(llm: Any, kind: str, batch: int, configs: int, max_tokens: int) -> Measured:
     from vllm import SamplingParams
 
-    from resae_serve.engine.llm import generate_batch, take_monitor
+    from resae_serve.engine import rpc
+    from resae_serve.engine.llm import generate_batch
 
     prompts = [f"Story number {j}: once upon a time" for j in range(batch)]
     specs = _specs(kind, batch, configs)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    before = llm.collective_rpc("resae_stats")[0]
+    before = rpc.stats(llm)
     start = time.perf_counter()
     outs = generate_batch(llm, prompts, specs, params)
     if kind.startswith(("monitor", "both")):
         for j in range(batch):
-            take_monitor(llm, f"m{j}")
+            rpc.take(llm, f"m{j}")
     elapsed = time.perf_counter() - start
-    after = llm.collective_rpc("resae_stats")[0]
-    steps = max(1, after["steps"] - before["steps"])
-    per_step = {k: (after[k] - before[k]) / steps * 1000
+    after = rpc.stats(llm)
+    steps = max(1, after.steps - before.steps)
+    per_step = {k: (getattr(after, k) - getattr(before, k)) / steps * 1000
                 for k in ("forward_s", "hook_host_s", "op_s")}
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return Measured(tokens / elapsed, elapsed / max_tokens * 1000, per_step["forward_s"],
@@ -254,13 +258,14 @@ def main() -> None:
                            "Inside the engine the worker runs 1 torch thread.")
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from resae_serve.engine import rpc
     from resae_serve.engine.llm import build_llm
 
     folder = args.dictionary or random_dictionary(Path(tempfile.mkdtemp()) / "dict")
     llm = build_llm("smollm2-135m", folder, max_model_len=256, max_num_seqs=max(args.batches),
                     enforce_eager=args.eager)
     _run(llm, "both", 2, 2, 4)  # warm the monitor thread and the first shapes
-    first = llm.collective_rpc("resae_stats")[0]
+    first = rpc.stats(llm)
     rows = []
     for batch in args.batches:
         cells = [("plain", 1)] + [
@@ -281,9 +286,9 @@ def main() -> None:
     table = ("| batch | workload | K configs | output tok/s | ms / token step | forward ms | "
              "hook host ms | op ms (all layers) | vs plain |\n"
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n" + "\n".join(rows))
-    last = llm.collective_rpc("resae_stats")[0]
-    reads = last["screened_reads"] - first["screened_reads"]
-    exact = last["screened_reads_resolved_exactly"] - first["screened_reads_resolved_exactly"]
+    last = rpc.stats(llm)
+    reads = last.screened_reads - first.screened_reads
+    exact = last.screened_reads_resolved_exactly - first.screened_reads_resolved_exactly
     screen = (f"bfloat16 screen: {reads:.0f} edited-feature reads, {exact:.0f} "
               f"({exact / max(1, reads):.1%}) resolved exactly." if reads else
               "bfloat16 screen off or not applicable.")
@@ -299,7 +304,7 @@ def main() -> None:
                        "layer, clamp at the next), ×4 = add + clamp at all 4 layers; top-8 "
                        "monitoring at all 4 layers; "
                        f"median of {args.rounds} interleaved rounds per cell. forward / hook "
-                       "host / op: per forward pass in the worker (resae_stats). " + screen)
+                       "host / op: per forward pass in the worker (EngineStats). " + screen)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
-    from vllm import SamplingParams
-
     from benchmarks._inprocess import LoopThread, in_process_server
     from benchmarks.engine import LAYERS
-    from resae_serve.engine.spec import MonitorSpec
+    from resae_serve.engine.spec import MonitorSpec, SamplingSpec
     from resae_serve.server.client import AsyncResaeClient, generate_request, monitor
 
     width = max(args.streams)
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         async def direct_one(i: int) -> tuple[float, int]:
             t0 = time.perf_counter()
             ttft, n = 0.0, 0
-            params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+            params = SamplingSpec(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
             async for chunk in engine.generate(prompt_ids[i % len(PROMPTS)], params,
                                                monitor=mon):
                 if chunk.token_ids and n == 0:

@@ -30,3 +30,13 @@ class CaptureError(ResaeError):
 
 class ShardError(ResaeError):
     """An activation shard folder is missing, incomplete or inconsistent."""
+
+
+class EngineRequestError(ResaeError):
+    """The serving engine refused a request's values (its own checks of sampling values or
+    prompt length); raised before any output of that request."""
+
+
+class EngineDeadError(ResaeError):
+    """The serving engine has stopped (its core process died or it was shut down); no request
+    runs on it again."""

@@ -15,7 +15,6 @@ import asyncio
 import gc
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -29,10 +28,10 @@ from grpc_reflection.v1alpha import reflection
 
 from resae_serve.artifact import Manifest
 from resae_serve.catalog import Catalog, CatalogError, load_catalog
-from resae_serve.engine.serving import ResaeEngine
+from resae_serve.engine.serving import ResaeEngine, ServingEngine
 from resae_serve.models import resolve_model
 from resae_serve.server.auth import BearerAuthInterceptor, load_tokens
-from resae_serve.server.config import ServerConfig, check_dictionary
+from resae_serve.server.config import ServerConfig, check_dictionary, with_model_defaults
 from resae_serve.server.errors import ErrorInterceptor
 from resae_serve.server.metrics import ServerMetrics
 from resae_serve.server.service import ResaeService
@@ -41,26 +40,25 @@ from resae_serve.server.v1 import resae_pb2, resae_pb2_grpc
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = resae_pb2.DESCRIPTOR.services_by_name["ResaeService"].full_name
-EngineFactory = Callable[[ServerConfig], Awaitable[tuple[ResaeEngine, Any]]]
+EngineFactory = Callable[[ServerConfig], Awaitable[tuple[ServingEngine, bool]]]
+"""Loads the engine for a config: the engine, and whether this server owns it (shuts it down
+when it stops; a shared engine is left running for its owner)."""
 WATCHDOG_S = 1.0
 
 
-async def build_engine(config: ServerConfig) -> tuple[ResaeEngine, Any]:
-    """An ``AsyncLLM`` with the ReSAE hook for ``config`` and its :class:`ResaeEngine`."""
-    from resae_serve.engine.llm import build_async_llm
-
+async def build_engine(config: ServerConfig) -> tuple[ServingEngine, bool]:
+    """The :class:`ResaeEngine` for ``config``, owned by the server."""
     e = config.engine
-    if e.kv_cache_gib is not None:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(e.kv_cache_gib))
     extra: dict[str, Any] = {}
     if e.gpu_memory_utilization is not None:
         extra["gpu_memory_utilization"] = e.gpu_memory_utilization
     if e.tensor_parallel_size != 1:
         extra["tensor_parallel_size"] = e.tensor_parallel_size
-    llm = await build_async_llm(config.model, config.dictionary, max_model_len=e.max_model_len,
-                                max_num_seqs=e.max_num_seqs, max_configs=e.max_configs,
-                                enforce_eager=e.enforce_eager, dtype=e.dtype, **extra)
-    return await ResaeEngine.connect(llm, e.max_configs), llm
+    engine = await ResaeEngine.build(config.model, config.dictionary,
+                                     max_configs=e.max_configs, kv_cache_gib=e.kv_cache_gib,
+                                     max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
+                                     enforce_eager=e.enforce_eager, dtype=e.dtype, **extra)
+    return engine, True
 
 
 class ResaeServer:
@@ -72,7 +70,8 @@ class ResaeServer:
         self.config, self.server, self.port = config, server, port
         self.service, self.health, self.metrics = service, health, metrics
         self.engine_factory = engine_factory
-        self.llm: Any = None
+        self.engine: ServingEngine | None = None
+        self.owns_engine = False
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -98,15 +97,16 @@ class ResaeServer:
 
     async def _load_engine(self) -> None:
         try:
-            engine, self.llm = await self.engine_factory(self.config)
+            engine, self.owns_engine = await self.engine_factory(self.config)
         except Exception as exc:
             logger.exception("the engine failed to load")
             self.service.fail(f"failed to load: {type(exc).__name__}")
             await self._set_health(False)
             self.ready.set()
             return
+        self.engine = engine
         self.service.attach(engine)
-        self.metrics.track_configs(lambda: engine.admission.resident)
+        self.metrics.track_configs(lambda: engine.resident_configs)
         await self._set_health(True)
         self.ready.set()
         logger.info("engine ready: serving %s with dictionary %s", self.config.model,
@@ -116,7 +116,7 @@ class ResaeServer:
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(WATCHDOG_S)
-            if self.llm is not None and getattr(self.llm, "errored", False):
+            if self.engine is not None and self.engine.errored:   # shared ones die for all
                 logger.error("the engine died; health is NOT_SERVING")
                 self.service.fail("engine died")
                 await self._set_health(False)
@@ -125,11 +125,12 @@ class ResaeServer:
     def held(self) -> dict[str, int]:
         """What the server still holds of past calls (all 0 when idle): open streams, admitted
         calls, resident steering configs, requests unfinished in the engine."""
-        service, llm = self.service, self.llm
+        service, engine = self.service, self.engine
+        # a shared engine also runs other servers' requests: only its owner counts them
         return {"active_streams": service.active_streams, "pending": service.pending,
-                "resident_configs": service.engine.admission.resident if service.engine else 0,
-                "engine_unfinished": llm.output_processor.get_num_unfinished_requests()
-                if llm is not None else 0}
+                "resident_configs": service.engine.resident_configs if service.engine else 0,
+                "engine_unfinished": engine.num_unfinished()
+                if engine is not None and self.owns_engine else 0}
 
     def wait_idle(self, timeout: float = 30.0) -> dict[str, int]:
         """Block until :meth:`held` is all 0 or ``timeout`` seconds pass; what the server still
@@ -155,10 +156,10 @@ class ResaeServer:
         for task in self._tasks:
             task.cancel()
         self.service.fail("the server stopped")
-        if self.llm is not None and hasattr(self.llm, "shutdown"):
-            await asyncio.to_thread(self.llm.shutdown)
-        # Drop every reference and collect now: AsyncLLM.__del__ at interpreter exit fails.
-        self.llm = None
+        if self.engine is not None and self.owns_engine:
+            await self.engine.shutdown()
+        # Drop every reference and collect now: the engine's finalizer fails at interpreter exit.
+        self.engine = None
         self.metrics.track_configs(lambda: 0)
         gc.collect()
         self.metrics.stop_http()
@@ -186,6 +187,7 @@ async def create_server(config: ServerConfig, *, engine_factory: EngineFactory =
                         manifest: Manifest | None = None) -> tuple[ResaeServer, int]:
     """A bound, not yet started server and its port (refuses a mismatched dictionary)."""
     manifest = manifest or check_dictionary(config)
+    config = with_model_defaults(config)
     tokenizer, vocab = _tokenizer(config.model)
     metrics = ServerMetrics()
     # The error interceptor is outermost, so it also counts calls that auth turns away.

@@ -9,6 +9,7 @@ dictionary was trained on the model being served.
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 from resae_serve.artifact import ArtifactError, Manifest, load_artifact, read_manifest
 from resae_serve.errors import ResaeError
+
+logger = logging.getLogger(__name__)
 
 
 class ServerConfigError(ResaeError):
@@ -65,8 +68,9 @@ class EngineSettings:
 
     max_num_seqs: int = 16
     """Requests decoded together."""
-    max_model_len: int = 2048
-    """Prompt plus generated tokens per request."""
+    max_model_len: int | None = None
+    """Prompt plus generated tokens per request; None takes the model's own limit (its
+    config's ``max_position_embeddings``), see :func:`with_model_defaults`."""
     max_configs: int = 32
     """Distinct steering configs resident at once; more wait in admission."""
     enforce_eager: bool = False
@@ -82,6 +86,8 @@ class EngineSettings:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_configs", "tensor_parallel_size"):
             value = getattr(self, name)
+            if name == "max_model_len" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ServerConfigError(f"engine.{name}={value!r}; must be an integer >= 1")
         kv = self.kv_cache_gib
@@ -218,9 +224,28 @@ def with_overrides(config: ServerConfig, **overrides: Any) -> ServerConfig:
                    engine=replace(config.engine, **engine))
 
 
+def with_model_defaults(config: ServerConfig) -> ServerConfig:
+    """``config`` with the settings left to the model filled in from it: ``max_model_len``
+    (the model's own context limit)."""
+    if config.engine.max_model_len is not None:
+        return config
+    from resae_serve.families import model_max_len
+    from resae_serve.models import resolve_model
+
+    limit = model_max_len(resolve_model(config.model))
+    if limit is None:
+        raise ServerConfigError(f"model={config.model!r} declares no context limit "
+                                "(max_position_embeddings); set engine.max_model_len "
+                                "(--max-model-len)")
+    logger.info("max_model_len %d (the model's own limit)", limit)
+    return replace(config, engine=replace(config.engine, max_model_len=limit))
+
+
 def check_dictionary(config: ServerConfig) -> Manifest:
-    """Refuse a dictionary that was not trained on ``config.model`` (fingerprint, layers,
-    width), before anything heavy starts. Returns the dictionary's manifest."""
+    """Refuse a model the engine does not hook, or a dictionary that does not fit it (model
+    type, depth, width, layers, weight fingerprint), before anything heavy starts. Returns the
+    dictionary's manifest."""
+    from resae_serve.families import UnsupportedModelError, check_model_fits, model_architecture
     from resae_serve.fingerprint import model_fingerprint
     from resae_serve.models import resolve_model
 
@@ -229,22 +254,12 @@ def check_dictionary(config: ServerConfig) -> Manifest:
     except ArtifactError as exc:
         raise ServerConfigError(f"dictionary={config.dictionary}: {exc}") from exc
     folder = resolve_model(config.model)
-    model_config = json.loads((folder / "config.json").read_text())
-    n_layers = int(model_config.get("num_hidden_layers", 0))
-    d_model = int(model_config.get("hidden_size", 0))
-    fingerprint = model_fingerprint(folder)
-    where = f"dictionary={config.dictionary} (trained on {manifest.model.name!r})"
-    if manifest.model.fingerprint != fingerprint:
-        raise ServerConfigError(
-            f"{where} does not match model={config.model!r}: fingerprint "
-            f"{manifest.model.fingerprint} != {fingerprint}. Serve the model it was trained on, "
-            "or train a dictionary for this model with `resae train`")
-    if manifest.d_model != d_model:
-        raise ServerConfigError(f"{where}: d_model={manifest.d_model} but the model's hidden "
-                                f"size is {d_model}")
-    if manifest.layers[-1] >= n_layers:
-        raise ServerConfigError(f"{where}: layers {list(manifest.layers)} but the model has "
-                                f"{n_layers} blocks (0..{n_layers - 1})")
+    try:
+        model_architecture(folder)
+        check_model_fits(folder, Path(config.dictionary))
+    except UnsupportedModelError as exc:
+        raise ServerConfigError(f"model={config.model!r}: {exc}") from exc
+    fingerprint = model_fingerprint(folder) if manifest.model.fingerprint else None
     try:   # every tensor file against its recorded SHA-256, shapes, dtypes, finiteness
         load_artifact(Path(config.dictionary), expect_fingerprint=fingerprint)
     except ArtifactError as exc:

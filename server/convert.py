@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from resae_serve.engine.serving import GenerationChunk, MonitorEvent, TokenFeatures
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteerVector, Threshold
+from resae_serve.engine.spec import (
+    MonitorSpec,
+    SamplingSpec,
+    SteerEdit,
+    SteerVector,
+    Threshold,
+)
 from resae_serve.errors import ResaeError
 from resae_serve.server.config import Limits
 from resae_serve.server.v1 import resae_pb2 as pb
@@ -26,7 +32,7 @@ ROLES = ("system", "user", "assistant")
 CHARS_PER_TOKEN_BOUND = 32
 """Characters per allowed prompt token beyond which text is refused without tokenizing."""
 MAX_TEMPERATURE = 2.0
-"""vLLM's own bound on ``SamplingParams.temperature``."""
+"""The engine's own bound on the sampling temperature."""
 
 
 class RequestError(ResaeError):
@@ -96,11 +102,11 @@ def input_token_ids(message: pb.Input, tokenizer: Any, vocab_size: int, where: s
     return ids
 
 
-def sampling_params(message: pb.SamplingParams, limits: Limits, *,
-                    max_tokens: int | None = None) -> Any:
-    """vLLM ``SamplingParams`` for ``message`` (``max_tokens`` overrides it, e.g. Inspect)."""
-    from vllm import SamplingParams
-
+def sampling_spec(message: pb.SamplingParams, limits: Limits, *,
+                  max_tokens: int | None = None) -> SamplingSpec:
+    """The engine's :class:`SamplingSpec` for ``message`` (``max_tokens`` overrides it, e.g.
+    Inspect). Unset fields keep the engine's defaults; values the engine itself refuses
+    surface later as :class:`~resae_serve.errors.EngineRequestError` (also INVALID_ARGUMENT)."""
     n = max_tokens if max_tokens is not None else message.max_tokens
     if n < 0 or n > limits.max_tokens:
         raise RequestError(f"sampling.max_tokens={n}; allowed 0..{limits.max_tokens} "
@@ -130,15 +136,10 @@ def sampling_params(message: pb.SamplingParams, limits: Limits, *,
         if not s or len(s) > 256:
             raise RequestError(f"sampling.stop[{i}] has {len(s)} characters; allowed 1..256")
     if message.stop:
-        kwargs["stop"] = list(message.stop)
+        kwargs["stop"] = tuple(message.stop)
     if message.ignore_eos:
         kwargs["ignore_eos"] = True
-    from vllm.exceptions import VLLMClientError
-
-    try:
-        return SamplingParams(**kwargs)
-    except (ValueError, VLLMClientError) as exc:              # vLLM's own checks
-        raise RequestError(f"sampling: {exc}") from exc
+    return SamplingSpec(**kwargs)
 
 
 def interventions(messages: Sequence[pb.Intervention], limits: Limits, *,

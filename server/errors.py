@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import grpc
 
 from resae_serve.catalog import CatalogError
+from resae_serve.errors import EngineDeadError, EngineRequestError
 from resae_serve.interventions import InterventionError
 from resae_serve.server.convert import RequestError
 
@@ -36,32 +37,13 @@ class CallRecorder(Protocol):
     def record_request(self, rpc: str, code: grpc.StatusCode) -> None: ...
 
 
-def _engine_dead_types() -> tuple[type[BaseException], ...]:
-    try:
-        from vllm.v1.engine.exceptions import EngineDeadError
-    except ImportError:  # pragma: no cover - vLLM missing
-        return ()
-    return (EngineDeadError,)
-
-
-def _client_error_types() -> tuple[type[BaseException], ...]:
-    """vLLM's errors caused by the request (its 4xx)."""
-    try:
-        from vllm.exceptions import VLLMClientError
-    except ImportError:  # pragma: no cover - vLLM missing
-        return ()
-    return (VLLMClientError,)
-
-
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and client-facing message of an exception raised by a handler."""
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
-    if isinstance(exc, RequestError | InterventionError | CatalogError):
+    if isinstance(exc, RequestError | InterventionError | CatalogError | EngineRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, _client_error_types()):
-        return grpc.StatusCode.INVALID_ARGUMENT, f"the engine refused the request: {exc}"
-    if isinstance(exc, _engine_dead_types()):
+    if isinstance(exc, EngineDeadError):
         return (grpc.StatusCode.UNAVAILABLE,
                 "the engine stopped; this server is not serving (retry on another replica)")
     incident = uuid.uuid4().hex[:12]

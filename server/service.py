@@ -1,10 +1,11 @@
 """The ``resae.v1.ResaeService`` servicer: validate → convert → delegate → convert back.
 
 Thin on purpose: requests become engine specs in :mod:`~resae_serve.server.convert`, the
-engine (:class:`~resae_serve.engine.serving.ResaeEngine`) does the work, and errors are left to
-:class:`~resae_serve.server.errors.ErrorInterceptor`. Calls made while the engine loads, or
-after it failed, end ``UNAVAILABLE``; past ``limits.max_pending`` admitted calls they end
-``RESOURCE_EXHAUSTED`` at once (fail fast, never queue unboundedly).
+engine (a :class:`~resae_serve.engine.serving.ServingEngine`: the vLLM-backed
+:class:`~resae_serve.engine.serving.ResaeEngine`, or a fake in tests) does the work, and errors
+are left to :class:`~resae_serve.server.errors.ErrorInterceptor`. Calls made while the engine
+loads, or after it failed, end ``UNAVAILABLE``; past ``limits.max_pending`` admitted calls they
+end ``RESOURCE_EXHAUSTED`` at once (fail fast, never queue unboundedly).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch
 
 from resae_serve.artifact import Manifest
 from resae_serve.catalog import Catalog, FeatureInfo
-from resae_serve.engine.serving import GenerationChunk, ResaeEngine, TokenFeatures
-from resae_serve.engine.spec import MonitorSpec
+from resae_serve.engine.serving import GenerationChunk, ServingEngine, TokenFeatures
+from resae_serve.engine.spec import MonitorSpec, SamplingSpec
 from resae_serve.evaluation.search import codes_from_activations, rank_features, text_token_ids
 from resae_serve.resae import ReSAE
 from resae_serve.server import convert
@@ -62,7 +63,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         self.config, self.limits, self.manifest = config, config.limits, manifest
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.metrics, self.catalog = metrics, catalog
-        self.engine: ResaeEngine | None = None
+        self.engine: ServingEngine | None = None
         self.failure: str | None = None
         self.pending = 0
         self.active_streams = 0
@@ -71,14 +72,14 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
 
     # ------------------------------------------------------------------ state
 
-    def attach(self, engine: ResaeEngine) -> None:
+    def attach(self, engine: ServingEngine) -> None:
         self.engine, self.failure = engine, None
 
     def fail(self, reason: str) -> None:
         """Mark the engine unusable: every later call ends UNAVAILABLE with ``reason``."""
         self.engine, self.failure = None, reason
 
-    def _engine(self) -> ResaeEngine:
+    def _engine(self) -> ServingEngine:
         if self.engine is not None:
             return self.engine
         if self.failure is not None:
@@ -110,13 +111,13 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         ids = convert.input_token_ids(message, self.tokenizer, self.vocab_size, "input",
                                       self.limits.max_prompt_tokens)
         limit = self.config.engine.max_model_len
-        if len(ids) + max_new > limit:
+        if limit is not None and len(ids) + max_new > limit:  # None: the engine checks
             raise RequestError(f"input has {len(ids)} tokens and sampling.max_tokens is "
                                f"{max_new}: together above the model length {limit}; "
                                "shorten the prompt or ask for fewer tokens")
         return ids
 
-    async def _run(self, ids: list[int], sampling: Any, interventions: list[Any],
+    async def _run(self, ids: list[int], sampling: SamplingSpec, interventions: list[Any],
                    monitor: MonitorSpec | None) -> AsyncGenerator[GenerationChunk, None]:
         engine = self._engine()
         engine.spec(interventions, monitor)          # INVALID_ARGUMENT before any output
@@ -136,7 +137,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         received = time.perf_counter()
         self._engine()
         with self._admit():
-            sampling = convert.sampling_params(request.sampling, self.limits)
+            sampling = convert.sampling_spec(request.sampling, self.limits)
             ids = self._prompt(request.input, sampling.max_tokens)
             interventions = convert.interventions(request.interventions, self.limits)
             monitor = (convert.monitor_spec(request.monitor, self.limits)
@@ -205,11 +206,9 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
 
     async def _prompt_features(self, ids: list[int], interventions: list[Any],
                                monitor: MonitorSpec) -> tuple[list[TokenFeatures], list[Any]]:
-        from vllm import SamplingParams
-
         features: list[TokenFeatures] = []
         events: list[Any] = []
-        async for chunk in self._run(ids, SamplingParams(max_tokens=1, temperature=0.0),
+        async for chunk in self._run(ids, SamplingSpec(max_tokens=1, temperature=0.0),
                                      interventions, monitor):
             features += [f for f in chunk.features if f.position < len(ids)]
             events += [e for e in chunk.events if e.position < len(ids)]

@@ -54,7 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--max-pending", dest="limits_max_pending", type=int,
                    help="calls in flight before RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--max-num-seqs", dest="engine_max_num_seqs", type=int)
-    p.add_argument("--max-model-len", dest="engine_max_model_len", type=int)
+    p.add_argument("--max-model-len", dest="engine_max_model_len", type=int,
+                   help="prompt + generated tokens per request (default: the model's own "
+                        "limit, max_position_embeddings)")
     p.add_argument("--max-configs", dest="engine_max_configs", type=int,
                    help="distinct steering configs resident at once (default 32)")
     p.add_argument("--enforce-eager", dest="engine_enforce_eager", action="store_true",

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from resae_serve.engine import rpc
 from resae_serve.engine.spec import SteeringSpec
+from resae_serve.families import check_model_fits, model_architecture
 from resae_serve.models import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -26,25 +28,36 @@ def _vllm() -> Any:
 
 
 def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
-                  max_model_len: int = 512, max_num_seqs: int = 8, max_configs: int = 32,
-                  enforce_eager: bool = False, dtype: str = "float32", seed: int = 0,
-                  **extra: Any) -> dict[str, Any]:
+                  max_model_len: int | None = None, max_num_seqs: int = 8,
+                  max_configs: int = 32, enforce_eager: bool = False, dtype: str = "float32",
+                  seed: int = 0, **extra: Any) -> dict[str, Any]:
     """vLLM engine arguments that put the ReSAE hook at the dictionary's layers.
 
-    ``enforce_eager=True`` is the fallback without torch.compile (slower; same results).
-    ``max_configs`` caps distinct steering configs resident at once (table rows).
+    The model is built by vLLM's own class for its architecture, with the hook added
+    (:mod:`resae_serve.engine.model`); an architecture the hook does not support, or a
+    dictionary that does not fit the model, is refused here with the reason.
+    ``max_model_len=None`` takes the model's own limit. ``enforce_eager=True`` is the fallback
+    without torch.compile (slower; same results). ``max_configs`` caps distinct steering
+    configs resident at once (table rows).
     """
-    from resae_serve.engine.worker import ARCHITECTURE, QUALNAME, register_architecture
+    from resae_serve.engine.model import hooked_architecture, register_architectures
+    from resae_serve.engine.worker import QUALNAME
 
-    register_architecture()  # the front end validates the architecture too
-    return dict(
-        model=str(resolve_model(model)), dtype=dtype, seed=seed, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, worker_extension_cls=QUALNAME,
-        hf_overrides={"architectures": [ARCHITECTURE],
+    register_architectures()  # the front end resolves the architecture too
+    folder = resolve_model(model)
+    architecture = model_architecture(folder)
+    check_model_fits(folder, Path(dictionary))
+    kwargs = dict(
+        model=str(folder), dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
+        enforce_eager=enforce_eager, worker_extension_cls=QUALNAME,
+        hf_overrides={"architectures": [hooked_architecture(architecture)],
                       "resae_dictionary": str(Path(dictionary).resolve()),
                       "resae_max_configs": max_configs},
         **extra,
     )
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    return kwargs
 
 
 def build_llm(model: str | os.PathLike[str], dictionary: str | os.PathLike[str],
@@ -53,8 +66,7 @@ def build_llm(model: str | os.PathLike[str], dictionary: str | os.PathLike[str],
     (arguments: :func:`engine_kwargs`)."""
     vllm = _vllm()
     llm = vllm.LLM(**engine_kwargs(model, dictionary, **kwargs))
-    layers = llm.collective_rpc("resae_bind")
-    logger.info("ReSAE hook bound at layers %s", layers[0])
+    logger.info("ReSAE hook bound at layers %s", rpc.bind(llm))
     return llm
 
 
@@ -71,8 +83,7 @@ async def build_async_llm(model: str | os.PathLike[str], dictionary: str | os.Pa
     # warm-up) and the event loop keeps serving meanwhile (health checks answer NOT_SERVING).
     # AsyncLLM starts its output tasks lazily, on this loop, at the first call.
     engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
-    layers = await engine.collective_rpc("resae_bind")
-    logger.info("ReSAE hook bound at layers %s", layers[0])
+    logger.info("ReSAE hook bound at layers %s", await rpc.bind_async(engine))
     return engine
 
 
@@ -112,16 +123,10 @@ def generate_batch(llm: Any, prompts: Sequence[str | Sequence[int]],
         raise ValueError(f"{len(prompts)} prompts but {len(specs)} specs; need one spec each")
     configs = {s.content_hash() for s in specs if s is not None and s.steers}
     if configs:
-        limit = int(llm.collective_rpc("resae_info")[0]["max_configs"])
+        limit = rpc.info(llm).max_configs
         if len(configs) > limit:   # the worker would run the overflow unsteered
             raise ValueError(f"{len(configs)} distinct steering configs in one batch; this "
                              f"engine holds {limit} (max_configs): split the batch, or use "
                              "ResaeEngine.generate, which queues them")
     return list(llm.generate([prompt_with(p, s) for p, s in zip(prompts, specs, strict=True)],
                              [sampling_with(params, s) for s in specs], use_tqdm=False))
-
-
-def take_monitor(llm: Any, key: str) -> list[dict[str, Any]]:
-    """Monitoring records of the request with ``spec.key == key`` (single worker)."""
-    records: list[dict[str, Any]] = llm.collective_rpc("resae_take", args=(key,))[0]
-    return records

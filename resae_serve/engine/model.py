@@ -1,33 +1,50 @@
-"""``ResaeLlamaForCausalLM``: vLLM's Llama with the ``resae::steer`` op after each ReSAE layer.
+"""The ReSAE hook on vLLM's own model class for the model's architecture (any supported family).
 
-Selected by ``hf_overrides={"architectures": ["ResaeLlamaForCausalLM"],
-"resae_dictionary": folder}`` (see :func:`resae_serve.engine.llm.build_llm`). The decoder
-layers are built as :class:`SteerableLlamaDecoderLayer` at construction, before vLLM compiles
-``LlamaModel``, so the op is inside the traced graph; parameter names do not change, so vLLM's
-weight loading is untouched. The outer ``forward`` (not compiled) runs the host-side step
-preparation around the compiled decoder stack.
+:func:`resae_serve.engine.llm.engine_kwargs` asks vLLM (``hf_overrides["architectures"]``) to
+build, for the model's architecture ``Arch``, the class ``Resae<Arch>`` of this module: a
+subclass of
+the very class vLLM registers for ``Arch`` (its native implementation, or its Transformers
+backend for GPT-NeoX and OLMo-2), so weights load exactly as in plain vLLM. After the base
+class has built its modules, and before vLLM compiles anything, the decoder blocks at the
+dictionary's layers get a subclass of their own class whose ``forward`` ends in
+``resae::steer``: the op is inside the traced graph, and parameter names do not change.
+
+The block output the op sees is what the dictionary was trained on (Hugging Face
+``hidden_states[layer + 1]``; the last block before the final norm):
+- a block that returns ``(hidden, residual)`` defers its residual add into the next fused
+  add+norm (vLLM's Llama, Mistral, Qwen2/3, Gemma-2/3, Phi-3): the output is
+  ``hidden + residual``, and the op edits ``hidden`` so the delta reaches the stream;
+- a block that returns one tensor (Transformers-backend blocks, ``(1, n, d)``) returns its
+  output: the op edits it in place.
+``tests/integration/test_families.py`` checks each family against Hugging Face.
+
+The outer ``forward`` (not compiled) runs the host-side step preparation around the compiled
+decoder stack. See docs/ARCHITECTURE.md for the data flow of one request.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from vllm.config import VllmConfig
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from resae_serve.artifact import load_artifact
 from resae_serve.engine import op
 from resae_serve.engine.hook import StepHook
 from resae_serve.engine.monitor import Monitor
 from resae_serve.engine.tables import SteeringTables
+from resae_serve.families import SUPPORTED_ARCHITECTURES, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
-ARCHITECTURE = "ResaeLlamaForCausalLM"
+CLASS_PREFIX = "Resae"
 DEFAULT_MAX_CONFIGS = 32
 
 _hook: StepHook | None = None
@@ -38,9 +55,26 @@ def current_hook() -> StepHook | None:
     return _hook
 
 
-def _dictionary_layers(vllm_config: VllmConfig) -> tuple[int, ...]:
-    tables = op.current_tables()
-    return tables.layers if tables is not None else ()
+def hooked_architecture(architecture: str) -> str:
+    """The registered name of the hooked class for ``architecture`` (``Resae<Arch>``)."""
+    return f"{CLASS_PREFIX}{architecture}"
+
+
+def register_architectures() -> None:
+    """Register ``Resae<Arch>`` for every supported architecture with vLLM's model registry of
+    this process (lazily: nothing is imported until vLLM builds one). Called in the front end
+    and, by importing the worker extension, in the engine's processes.
+
+    A registered name of its own, not ``model_class_overrides`` for ``Arch``: vLLM caches the
+    class per model folder and architecture name in each process, so an override would leak
+    into a plain engine for the same folder in that process (and vice versa)."""
+    from vllm import ModelRegistry
+
+    known = ModelRegistry.get_supported_archs()
+    for architecture in SUPPORTED_ARCHITECTURES:
+        name = hooked_architecture(architecture)
+        if name not in known:
+            ModelRegistry.register_model(name, f"{__name__}:{name}")
 
 
 def _torch_dtype(dtype: object) -> torch.dtype:
@@ -51,60 +85,139 @@ def _torch_dtype(dtype: object) -> torch.dtype:
         str(dtype), torch.float32)
 
 
-class SteerableLlamaDecoderLayer(LlamaDecoderLayer):
-    """A Llama block whose output (``hidden + residual``) passes through ``resae::steer``."""
+def _vllm_class(architecture: str) -> type[nn.Module]:
+    """The class vLLM registers for ``architecture`` (before our override)."""
+    from vllm.model_executor.models import registry
 
-    def __init__(self, vllm_config: VllmConfig, prefix: str = "", **kwargs: Any) -> None:
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        layer = int(prefix.rsplit(".", 1)[-1])
-        layers = _dictionary_layers(vllm_config)
-        self.resae_index = layers.index(layer) if layer in layers else -1
-
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden_states, residual = super().forward(positions, hidden_states, residual)
-        if self.resae_index >= 0:
-            torch.ops.resae.steer(hidden_states, residual, self.resae_index)
-        return hidden_states, residual
+    module, name = registry._VLLM_MODELS[architecture]
+    if "." not in module:
+        module = f"vllm.model_executor.models.{module}"
+    cls: type[nn.Module] = getattr(importlib.import_module(module), name)
+    return cls
 
 
-class ResaeLlamaForCausalLM(LlamaForCausalLM):
-    """Llama with persistent ReSAE steering tables (see module docstring)."""
+def decoder_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
+    """The outermost ``ModuleList`` of ``n_layers`` blocks of one class (vLLM's ``layers``,
+    the Transformers backend's ``gpt_neox.layers``, …); found by structure, not by name."""
+    for module in model.modules():                  # pre-order: outermost first
+        if (isinstance(module, nn.ModuleList) and len(module) == n_layers
+                and len({type(block) for block in module}) == 1):
+            return module
+    raise UnsupportedModelError(
+        f"{type(model).__name__}: found no list of {n_layers} identical decoder blocks "
+        "(pipeline parallelism splits the blocks over ranks; it is not supported by the hook)")
+
+
+def _steer_output(out: Any, index: int) -> Any:
+    """Run ``resae::steer`` on a block's output; returns the output (edited in place)."""
+    if isinstance(out, torch.Tensor):                 # the block output itself
+        torch.ops.resae.steer(out.view(-1, out.shape[-1]), None, index)
+        return out
+    if (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
+            and isinstance(out[1], torch.Tensor) and out[0].shape == out[1].shape):
+        torch.ops.resae.steer(out[0], out[1], index)   # (hidden, residual): deferred add
+        return out
+    raise UnsupportedModelError(
+        f"decoder block output of type {type(out).__name__} (length "
+        f"{len(out) if isinstance(out, tuple) else '-'}): the ReSAE hook reads a tensor or "
+        "(hidden, residual); this architecture is not supported")
+
+
+_steerable_classes: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _steerable(block_cls: type[nn.Module]) -> type[nn.Module]:
+    """``block_cls`` whose output passes through ``resae::steer`` at ``self.resae_index``
+    (one subclass per block class)."""
+    known = _steerable_classes.get(block_cls)
+    if known is not None:
+        return known
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _steer_output(block_cls.forward(self, *args, **kwargs), self.resae_index)
+
+    steerable = type(f"Steerable{block_cls.__name__}", (block_cls,), {"forward": forward})
+    _steerable_classes[block_cls] = steerable
+    return steerable
+
+
+def _load_tables(vllm_config: VllmConfig) -> SteeringTables:
+    hf_config = vllm_config.model_config.hf_config
+    folder = getattr(hf_config, "resae_dictionary", None)
+    if not folder:
+        raise ValueError("the ReSAE model needs hf_overrides['resae_dictionary'] (a "
+                         "dictionary folder)")
+    resae, _ = load_artifact(Path(folder))
+    max_configs = int(getattr(hf_config, "resae_max_configs", DEFAULT_MAX_CONFIGS))
+    return SteeringTables(
+        resae, max_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+        max_rows=2 * max_configs + 1, dtype=_torch_dtype(vllm_config.model_config.dtype),
+        screen=os.environ.get("RESAE_BF16_SCREEN", "1") != "0")
+
+
+class _ResaeMixin(nn.Module):
+    """Loads the dictionary, builds the base model, puts the op on the dictionary's blocks,
+    and runs the step hook around each forward pass."""
+
+    base_architecture: str = ""
+    """The Hugging Face architecture whose vLLM class this one extends."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         global _hook
-        hf_config = vllm_config.model_config.hf_config
-        folder = getattr(hf_config, "resae_dictionary", None)
-        if not folder:
-            raise ValueError(f"{ARCHITECTURE} needs hf_overrides['resae_dictionary'] (a "
-                             "dictionary folder)")
-        resae, _ = load_artifact(Path(folder))
-        max_configs = int(getattr(hf_config, "resae_max_configs", DEFAULT_MAX_CONFIGS))
-        tables = SteeringTables(
-            resae, max_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
-            max_rows=2 * max_configs + 1, dtype=_torch_dtype(vllm_config.model_config.dtype),
-            screen=os.environ.get("RESAE_BF16_SCREEN", "1") != "0")
+        tables = _load_tables(vllm_config)
         op.install_tables(tables)
-        _hook = StepHook(tables, Monitor(resae))
-        super().__init__(vllm_config=vllm_config, prefix=prefix,
-                         layer_type=SteerableLlamaDecoderLayer)
-        logger.info("ReSAE hook at layers %s (%s mode), %d table rows, bfloat16 screening of "
-                    "edited TopK features: %s", list(resae.layers), resae.mode, tables.max_rows,
+        _hook = StepHook(tables, Monitor(tables.resae))
+        # The base class sees the architecture name it was registered for: vLLM's
+        # Transformers backend looks up weight renamings by it (GPT-NeoX: embed_out -> lm_head).
+        hf_config = vllm_config.model_config.hf_config
+        hooked_name = hf_config.architectures
+        hf_config.architectures = [self.base_architecture]
+        try:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        finally:
+            hf_config.architectures = hooked_name
+        text_config = vllm_config.model_config.hf_text_config
+        blocks = decoder_blocks(self, int(text_config.num_hidden_layers))
+        for index, layer in enumerate(tables.layers):
+            block: Any = blocks[layer]
+            block.__class__ = _steerable(type(block))
+            block.resae_index = index
+        logger.info("ReSAE hook on %s blocks %s (%s mode), %d table rows, bfloat16 screening "
+                    "of edited TopK features: %s", type(blocks[0]).__name__, list(tables.layers),
+                    tables.resae.mode, tables.max_rows,
                     any(s is not None for s in tables.screens))
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: Any = None, inputs_embeds: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
         hook = _hook
+        base = super().forward
         if hook is None:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
-                                   **kwargs)
+            return base(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         start = time.perf_counter()
         hook.before_forward(int(positions.shape[-1]))
         host = time.perf_counter()
-        out = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds,
-                              **kwargs)
+        out = base(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
         done = time.perf_counter()
         hook.after_forward()
         hook.times.add(host - start + time.perf_counter() - done, time.perf_counter() - start)
         return out
+
+
+@cache
+def hooked_class(architecture: str) -> type[nn.Module]:
+    """``Resae<architecture>``: vLLM's class for ``architecture`` with the ReSAE hook."""
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(f"architecture {architecture!r} is not supported by the "
+                                    f"ReSAE hook; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    base = _vllm_class(architecture)
+    return type(hooked_architecture(architecture), (_ResaeMixin, base),
+                {"__module__": __name__, "__doc__": f"{base.__name__} with the ReSAE hook.",
+                 "base_architecture": architecture})
+
+
+def __getattr__(name: str) -> type[nn.Module]:
+    """vLLM's registry imports ``resae_serve.engine.model:Resae<Arch>`` by name."""
+    if name.startswith(CLASS_PREFIX) and name[len(CLASS_PREFIX):] in SUPPORTED_ARCHITECTURES:
+        return hooked_class(name[len(CLASS_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

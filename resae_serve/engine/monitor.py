@@ -10,8 +10,9 @@ Overload policy: the queue holds ``max_pending`` steps. When it is full the step
 for a free slot (back-pressure: decoding slows down; no monitoring result is ever dropped and
 results stay in step order). ``stalled_steps`` counts those waits.
 
-Thresholds (:class:`~resae_serve.engine.spec.Threshold`) are checked here, on the very codes that
-are reported: a record carries ``events = [[feature, value, threshold], ...]``.
+Results are :class:`~resae_serve.engine.rpc.MonitorRecord` s, one per request, position and
+layer. Thresholds (:class:`~resae_serve.engine.spec.Threshold`) are checked here, on the very
+codes that are reported: a record carries its :class:`~resae_serve.engine.rpc.MonitorEvent` s.
 
 A preempted request is recomputed from its first token; its positions are encoded again.
 :meth:`Monitor.take` keeps the latest record per (position, layer), and ``recomputed`` counts
@@ -26,12 +27,13 @@ import queue
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from resae_serve.engine.gemm import EncoderGemm
+from resae_serve.engine.rpc import MonitorEvent, MonitorRecord
 from resae_serve.engine.spec import MonitorSpec
 from resae_serve.engine.tables import Codes, LayerCapture, activate
 from resae_serve.resae import ReSAE
@@ -114,7 +116,7 @@ class Monitor:
         self.resae = resae
         self._gemm = [EncoderGemm(sae, packed=False) for sae in resae.saes]
         self.specs: dict[str, MonitorSpec] = {}
-        self.results: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.results: dict[str, list[MonitorRecord]] = defaultdict(list)
         self.stalled_steps = 0
         self.recomputed = 0
         self._seen: dict[tuple[str, int], int] = {}   # (key, layer) -> furthest position
@@ -155,7 +157,7 @@ class Monitor:
     def flush(self) -> None:
         self._queue.join()
 
-    def take(self, key: str, *, wait: bool = True) -> list[dict[str, Any]]:
+    def take(self, key: str, *, wait: bool = True) -> list[MonitorRecord]:
         """Results of one request so far, sorted by (position, layer), removed from the store.
 
         ``wait`` first encodes every queued step; without it, only what is already encoded
@@ -165,10 +167,11 @@ class Monitor:
             self.flush()
         with self._lock:
             records = self.results.pop(key, [])
-        latest = {(r["position"], r["layer"]): r for r in records}   # recomputed: keep the last
+        latest = {(r.position, r.layer): r for r in records}   # recomputed: keep the last
         return [latest[k] for k in sorted(latest)]
 
-    def take_many(self, keys: list[str], *, wait: bool = False) -> dict[str, list[dict[str, Any]]]:
+    def take_many(self, keys: list[str], *, wait: bool = False
+                  ) -> dict[str, list[MonitorRecord]]:
         if wait:
             self.flush()
         return {key: self.take(key, wait=False) for key in keys}
@@ -183,7 +186,7 @@ class Monitor:
 
     def _records(self, step: StepCapture, i: int, capture: LayerCapture,
                  idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
-                 firsts: np.ndarray) -> list[dict[str, Any]]:
+                 firsts: np.ndarray) -> list[MonitorRecord]:
         """Records of the ``wanted`` captured tokens.
 
         One ``topk`` and one gather for all tokens, then plain lists (per-token tensor calls
@@ -198,23 +201,19 @@ class Monitor:
         codes = self._codes(i, capture, torch.from_numpy(wanted)
                             if len(chosen) < len(specs) else None)
         top_ids, top_values, picked = _summaries(codes, d_sae, k, columns)
-        records: list[dict[str, Any]] = []
+        records: list[MonitorRecord] = []
         for n, (row, spec) in enumerate(zip(wanted.tolist(), chosen, strict=True)):
             j = int(req[row])
-            record: dict[str, Any] = {
-                "key": step.keys[j], "layer": layer,
-                "position": int(step.starts[j] + idx[row] - firsts[j])}
-            if spec.top_k:
-                record["top_k"] = (top_ids[n][: spec.top_k], top_values[n][: spec.top_k])
-            if spec.watch:
-                record["watch"] = [picked[n][column[f]] for f in spec.watch]
-            if spec.raw:
-                record["raw"] = capture.h[row].tolist()
-            events = [[t.feature, value, t.value] for t in spec.thresholds
-                      if t.layer == layer and (value := picked[n][column[t.feature]]) >= t.value]
-            if events:
-                record["events"] = events
-            records.append(record)
+            position = int(step.starts[j] + idx[row] - firsts[j])
+            events = tuple(
+                MonitorEvent(position, layer, t.feature, value, t.value) for t in spec.thresholds
+                if t.layer == layer and (value := picked[n][column[t.feature]]) >= t.value)
+            records.append(MonitorRecord(
+                step.keys[j], position, layer,
+                tuple(top_ids[n][: spec.top_k]) if spec.top_k else (),
+                tuple(top_values[n][: spec.top_k]) if spec.top_k else (),
+                tuple(picked[n][column[f]] for f in spec.watch),
+                tuple(capture.h[row].tolist()) if spec.raw else (), events))
         return records
 
     def _run(self) -> None:
@@ -253,7 +252,7 @@ class Monitor:
         """Records of one step, one batched summary per layer over every monitored token."""
         ends = np.cumsum(step.counts)
         firsts = ends - step.counts
-        records: list[dict[str, Any]] = []
+        records: list[MonitorRecord] = []
         for i, (idx, capture) in sorted(step.layers.items()):
             layer = self.resae.layers[i]
             req = np.searchsorted(ends, idx, side="right")                        # (n,)
@@ -265,9 +264,9 @@ class Monitor:
                                      firsts)
         with self._lock:
             for record in records:
-                seen = (record["key"], record["layer"])
-                if record["position"] <= self._seen.get(seen, -1):
+                seen = (record.key, record.layer)
+                if record.position <= self._seen.get(seen, -1):
                     self.recomputed += 1
                 else:
-                    self._seen[seen] = record["position"]
-                self.results[record["key"]].append(record)
+                    self._seen[seen] = record.position
+                self.results[record.key].append(record)

@@ -35,15 +35,19 @@ def current_tables() -> SteeringTables | None:
     return _tables
 
 
-def steer(hidden_states: torch.Tensor, residual: torch.Tensor, layer_index: int) -> None:
-    """Apply this step's interventions at dictionary layer ``layer_index`` (in place)."""
+def steer(hidden_states: torch.Tensor, residual: torch.Tensor | None, layer_index: int) -> None:
+    """Apply this step's interventions at dictionary layer ``layer_index`` (in place).
+
+    ``residual`` is the stream vLLM has not yet added (deferred residual add: the block output
+    is ``hidden_states + residual``), or ``None`` when ``hidden_states`` is the block output."""
     if _tables is not None:
         start = time.perf_counter()
         _tables.apply(layer_index, hidden_states, residual)
         _tables.op_seconds += time.perf_counter() - start
 
 
-def _steer_fake(hidden_states: torch.Tensor, residual: torch.Tensor, layer_index: int) -> None:
+def _steer_fake(hidden_states: torch.Tensor, residual: torch.Tensor | None,
+                layer_index: int) -> None:
     return None
 
 
@@ -53,7 +57,7 @@ def _register() -> None:
     try:
         from vllm.utils.torch_utils import direct_register_custom_op
     except ImportError:
-        _LIB.define(f"{OP_NAME}(Tensor(a!) hidden_states, Tensor residual, int layer_index) -> ()")
+        _LIB.define(f"{OP_NAME}(Tensor(a!) hidden_states, Tensor? residual, int layer_index) -> ()")
         _LIB.impl(OP_NAME, steer, "CompositeExplicitAutograd")
         _LIB._register_fake(OP_NAME, _steer_fake)
         return

@@ -1,8 +1,10 @@
 """The async front end: ``generate(prompt, sampling, interventions=..., monitor=...)``.
 
-:class:`ResaeEngine` wraps any engine with vLLM ``AsyncLLM``'s three methods (``generate``,
-``abort``, ``collective_rpc``; :class:`~resae_serve.engine.driver.LLMDriver` gives an offline
-``LLM`` the same shape). Per request it
+:class:`ResaeEngine` drives a vLLM engine through a :class:`~resae_serve.engine.driver.Driver`
+(``AsyncLLM`` for a server, built by :meth:`ResaeEngine.build`; an offline ``LLM`` through
+:class:`~resae_serve.engine.driver.LLMDriver`) and speaks only this project's types: a
+:class:`~resae_serve.engine.spec.SamplingSpec` in, :class:`GenerationChunk` s out, errors from
+:mod:`resae_serve.errors`. :class:`ServingEngine` is the part the gRPC server uses. Per request it
 
 1. validates the spec against the dictionary (:class:`InterventionError` naming the field),
 2. waits in :class:`~resae_serve.engine.admission.ConfigAdmission` until its steering config
@@ -16,7 +18,8 @@ Positions count prompt and generated tokens together (prompt ``0 .. P-1``, gener
 ``n`` at ``P + n``). The features at position ``p`` are those of the pass where token ``p`` is
 the input (the pass that predicts token ``p + 1``); the last generated token is never fed back,
 so it has none. Monitor results are fetched for all live requests in one coalesced RPC per
-round (``resae_take_many``); the final chunk waits for the worker's queue to drain.
+round (:func:`~resae_serve.engine.rpc.take_many_async`); the final chunk waits for the worker's
+queue to drain.
 """
 
 from __future__ import annotations
@@ -24,28 +27,35 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from resae_serve.engine.admission import ConfigAdmission
-from resae_serve.engine.llm import prompt_with, sampling_with
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
+from resae_serve.engine.driver import AsyncLLMDriver, Driver
+from resae_serve.engine.llm import prompt_with
+from resae_serve.engine.rpc import (
+    EngineInfo,
+    EngineStats,
+    MonitorEvent,
+    MonitorRecord,
+    discard_async,
+    info_async,
+    stats_async,
+    take_many_async,
+)
+from resae_serve.engine.spec import (
+    MonitorSpec,
+    SamplingSpec,
+    SteerEdit,
+    SteeringSpec,
+    SteerVector,
+)
 
 logger = logging.getLogger(__name__)
 Intervention = SteerEdit | SteerVector
-
-
-class AsyncEngine(Protocol):
-    """The part of vLLM's ``AsyncLLM`` the wrapper uses."""
-
-    def generate(self, prompt: Any, sampling_params: Any,
-                 request_id: str) -> AsyncIterator[Any]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
-    async def collective_rpc(self, method: str, timeout: float | None = None,
-                             args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-                             ) -> list[Any]: ...
+__all__ = ["EngineInfo", "EngineStats", "GenerationChunk", "MonitorEvent", "ResaeEngine",
+           "ServingEngine", "TokenFeatures", "collect"]
 
 
 class TokenFeatures(NamedTuple):
@@ -60,16 +70,6 @@ class TokenFeatures(NamedTuple):
     """Values of :attr:`MonitorSpec.watch`, in that order."""
     raw: tuple[float, ...] = ()
     """The block output itself when :attr:`MonitorSpec.raw` is set."""
-
-
-class MonitorEvent(NamedTuple):
-    """A :class:`~resae_serve.engine.spec.Threshold` reached at one position."""
-
-    position: int
-    layer: int
-    feature: int
-    value: float
-    threshold: float
 
 
 class GenerationChunk(NamedTuple):
@@ -87,26 +87,53 @@ class GenerationChunk(NamedTuple):
     finish_reason: str | None
 
 
-class EngineInfo(NamedTuple):
-    layers: tuple[int, ...]
-    d_sae: tuple[int, ...]
-    d_model: int
-    max_configs: int
+class ServingEngine(Protocol):
+    """What the gRPC server uses of an engine: :class:`ResaeEngine`, or a fake in tests."""
+
+    @property
+    def resident_configs(self) -> int:
+        """Distinct steering configs in flight now."""
+        ...
+
+    @property
+    def errored(self) -> bool:
+        """The engine has died; it serves no more requests."""
+        ...
+
+    def num_unfinished(self) -> int:
+        """Requests the engine has not finished."""
+        ...
+
+    def spec(self, interventions: Sequence[Intervention] = (),
+             monitor: MonitorSpec | None = None, key: str = "") -> SteeringSpec:
+        """A validated spec (raises ``InterventionError`` naming the field)."""
+        ...
+
+    def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
+                 interventions: Sequence[Intervention] = (),
+                 monitor: MonitorSpec | None = None,
+                 request_id: str | None = None) -> AsyncGenerator[GenerationChunk, None]:
+        """Stream one request; raises :class:`~resae_serve.errors.EngineRequestError` for
+        values the engine refuses and :class:`~resae_serve.errors.EngineDeadError` when it
+        has died."""
+        ...
+
+    async def shutdown(self) -> None: ...
 
 
 class _MonitorFetcher:
     """Coalesces monitor fetches of concurrent requests into one RPC per round."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+    def __init__(self, driver: Driver) -> None:
+        self.driver = driver
         self.rounds = 0
         self._wanted: set[str] = set()
         self._flush: set[str] = set()
         self._inflight: set[str] = set()
-        self._buffers: dict[str, list[dict[str, Any]]] = {}
+        self._buffers: dict[str, list[MonitorRecord]] = {}
         self._task: asyncio.Task[None] | None = None
 
-    async def fetch(self, key: str, *, wait: bool) -> list[dict[str, Any]]:
+    async def fetch(self, key: str, *, wait: bool) -> list[MonitorRecord]:
         """Records of ``key`` from a round that started after this call."""
         self._wanted.add(key)
         if wait:
@@ -133,50 +160,92 @@ class _MonitorFetcher:
         wait, self._flush = bool(self._flush & keys), self._flush - keys
         self._inflight = keys
         try:
-            result = await self.engine.collective_rpc("resae_take_many",
-                                                      args=(sorted(keys), wait))
-            for key, records in result[0].items():
+            taken = await take_many_async(self.driver, keys, wait=wait)
+            for key, records in taken.items():
                 self._buffers.setdefault(key, []).extend(records)
             self.rounds += 1
         finally:
             self._inflight = set()
 
 
-def _features(records: list[dict[str, Any]], delivered: dict[int, int]
+def _features(records: list[MonitorRecord], delivered: dict[int, int]
               ) -> tuple[list[TokenFeatures], list[MonitorEvent]]:
-    """Convert worker records, dropping (position, layer) pairs already delivered."""
-    features, events = [], []
-    for r in sorted(records, key=lambda r: (r["position"], r["layer"])):
-        position, layer = int(r["position"]), int(r["layer"])
-        if position <= delivered.get(layer, -1):
+    """Worker records as features and events, dropping (position, layer) pairs already
+    delivered."""
+    features: list[TokenFeatures] = []
+    events: list[MonitorEvent] = []
+    for r in sorted(records, key=lambda r: (r.position, r.layer)):
+        if r.position <= delivered.get(r.layer, -1):
             continue                                    # recomputed after a preemption
-        delivered[layer] = position
-        ids, values = r.get("top_k", ((), ()))
-        features.append(TokenFeatures(position, layer, tuple(ids), tuple(values),
-                                      tuple(r.get("watch", ())), tuple(r.get("raw", ()))))
-        events += [MonitorEvent(position, layer, int(f), float(v), float(t))
-                   for f, v, t in r.get("events", ())]
+        delivered[r.layer] = r.position
+        features.append(TokenFeatures(r.position, r.layer, r.top_ids, r.top_values, r.watch,
+                                      r.raw))
+        events += r.events
     return features, events
 
 
 class ResaeEngine:
     """Async per-request steering and monitoring over one engine with the ReSAE hook."""
 
-    def __init__(self, engine: AsyncEngine, info: EngineInfo,
+    def __init__(self, driver: Driver, info: EngineInfo,
                  max_configs: int | None = None) -> None:
-        self.engine = engine
+        self.driver = driver
         self.info = info
         self.admission = ConfigAdmission(min(max_configs or info.max_configs, info.max_configs))
-        self._fetcher = _MonitorFetcher(engine)
+        self._fetcher = _MonitorFetcher(driver)
         self._ids = itertools.count()
 
     @classmethod
-    async def connect(cls, engine: AsyncEngine, max_configs: int | None = None) -> ResaeEngine:
-        """Wrap ``engine`` (its worker must run the ReSAE extension; see ``build_async_llm``)."""
-        info = (await engine.collective_rpc("resae_info"))[0]
-        return cls(engine, EngineInfo(tuple(info["layers"]), tuple(info["d_sae"]),
-                                      int(info["d_model"]), int(info["max_configs"])),
-                   max_configs)
+    async def build(cls, model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
+                    max_configs: int = 32, kv_cache_gib: float | None = None,
+                    **engine_kwargs: Any) -> ResaeEngine:
+        """Start vLLM's ``AsyncLLM`` with the ReSAE hook and wrap it (a minute or more; the
+        event loop keeps running meanwhile).
+
+        ``kv_cache_gib``: the KV cache on CPU (``None``: vLLM's default); ``engine_kwargs``:
+        :func:`~resae_serve.engine.llm.engine_kwargs` (``max_model_len``, ``dtype`` ...)."""
+        from resae_serve.engine.llm import build_async_llm
+
+        if kv_cache_gib is not None:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+        llm = await build_async_llm(model, dictionary, max_configs=max_configs, **engine_kwargs)
+        driver = AsyncLLMDriver(llm)
+        try:
+            return await cls.connect(driver, max_configs)
+        except BaseException:
+            driver.shutdown()
+            raise
+
+    @classmethod
+    async def connect(cls, driver: Driver, max_configs: int | None = None) -> ResaeEngine:
+        """Wrap the engine behind ``driver`` (its worker must run the ReSAE extension)."""
+        return cls(driver, await info_async(driver), max_configs)
+
+    # ------------------------------------------------------------------ liveness
+
+    @property
+    def resident_configs(self) -> int:
+        """Distinct steering configs in flight now (admitted, not yet released)."""
+        return self.admission.resident
+
+    @property
+    def errored(self) -> bool:
+        """The engine has died (e.g. its core process was killed); nothing runs on it again."""
+        return self.driver.errored
+
+    def num_unfinished(self) -> int:
+        """Requests the engine has not finished."""
+        return self.driver.num_unfinished()
+
+    async def stats(self) -> EngineStats:
+        """The worker's counters."""
+        return await stats_async(self.driver)
+
+    async def shutdown(self) -> None:
+        """Stop the engine (its processes and memory); on a worker thread, as it blocks."""
+        await asyncio.to_thread(self.driver.shutdown)
+
+    # ------------------------------------------------------------------ requests
 
     def spec(self, interventions: Sequence[Intervention] = (), monitor: MonitorSpec | None = None,
              key: str = "") -> SteeringSpec:
@@ -191,7 +260,7 @@ class ResaeEngine:
         spec.validate(self.info.layers, self.info.d_sae, self.info.d_model)
         return spec
 
-    async def generate(self, prompt: str | Sequence[int], sampling: Any, *,
+    async def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
                        interventions: Sequence[Intervention] = (),
                        monitor: MonitorSpec | None = None,
                        request_id: str | None = None) -> AsyncGenerator[GenerationChunk, None]:
@@ -205,8 +274,7 @@ class ResaeEngine:
         try:
             n_tokens, n_text = 0, 0
             delivered: dict[int, int] = {}
-            stream = self.engine.generate(prompt_with(prompt, spec),
-                                          sampling_with(sampling, spec), request_id)
+            stream = self.driver.generate(prompt_with(prompt, spec), sampling, spec, request_id)
             async for out in stream:
                 completion = out.outputs[0]
                 tokens = tuple(completion.token_ids[n_tokens:])
@@ -228,10 +296,10 @@ class ResaeEngine:
                 if close is not None:
                     await close()
                 if not finished:
-                    await self.engine.abort(request_id)
+                    await self.driver.abort(request_id)
                     if monitoring:      # drop its results here and in the worker
                         await self._fetcher.forget(request_id)
-                        await self.engine.collective_rpc("resae_discard", args=(request_id,))
+                        await discard_async(self.driver, request_id)
             finally:
                 await self.admission.release(handle)
 

@@ -1,5 +1,7 @@
-"""Per-request steering and monitoring specs, their validation, wire form and content hash.
+"""Per-request specs: sampling, steering and monitoring; validation, wire form, content hash.
 
+:class:`SamplingSpec` is this project's own sampling request; the engine driver turns it into
+vLLM's ``SamplingParams`` (:mod:`~resae_serve.engine.driver`), so callers never import vLLM.
 A :class:`SteeringSpec` travels to the worker inside ``SamplingParams.extra_args["resae"]``
 (plain JSON types only). Its :meth:`SteeringSpec.cache_salt` is a SHA-256 of the canonical
 steering content, so vLLM's prefix cache never shares KV blocks between requests whose
@@ -22,6 +24,30 @@ PHASES: tuple[str, ...] = get_args(Phase)
 EXTRA_ARGS_KEY = "resae"
 MAX_EDITS_PER_LAYER = 8
 """Edit slots per request and layer in the worker's tables (feature edits; vectors are free)."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How one request samples its tokens (the fields vLLM's ``SamplingParams`` takes).
+
+    Defaults are vLLM's; the engine applies its own checks when the request starts and raises
+    :class:`~resae_serve.errors.EngineRequestError` naming the value it refuses.
+    """
+
+    max_tokens: int = 16
+    """Most tokens to generate."""
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int = 0
+    """Sample among the ``top_k`` most likely tokens (0 = all)."""
+    seed: int | None = None
+    """Per-request random seed (``None`` = the engine's generator)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end the completion (not included in it)."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token (up to ``max_tokens``)."""
 
 
 @dataclass(frozen=True)

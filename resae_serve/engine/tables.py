@@ -284,14 +284,16 @@ class SteeringTables:
     # ------------------------------------------------------------------ the op body
 
     @torch.no_grad()
-    def apply(self, i: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        """Edit ``hidden`` in place so that ``hidden + residual`` becomes ``h + δ`` (layer i);
-        leave what the monitor needs of the monitored tokens in ``captures[i]``."""
+    def apply(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        """Edit ``hidden`` in place so that the block output ``h = hidden + residual`` (or
+        ``h = hidden`` when ``residual`` is ``None``: no deferred add) becomes ``h + δ`` (layer
+        i); leave what the monitor needs of the monitored tokens in ``captures[i]``."""
         self.captures[i] = None
         if not self.active:
             return
         n = hidden.shape[0]
-        h = torch.add(hidden, residual, out=self.h_buf[i, :n])                    # (n, d)
+        h = (self.h_buf[i, :n].copy_(hidden) if residual is None                   # (n, d)
+             else torch.add(hidden, residual, out=self.h_buf[i, :n]))
         delta = (self.add_vec[i].index_select(0, self.token_rows[:n])             # (n, d)
                  if self.layer_add[i] else None)
         if self.n_encode[i]:

@@ -63,7 +63,6 @@ class ServerLoop:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.engine: Any = None
-        self.llm: Any = None
         self.servers: list[Any] = []
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 600) -> T:
@@ -74,12 +73,12 @@ class ServerLoop:
         """Create and start a server (the first builds the engine); wait until it serves."""
         from resae_serve.server.app import build_engine, create_server
 
-        async def shared(_: Any) -> tuple[Any, Any]:
-            return self.engine, None                # llm None: only its owner shuts it down
+        async def shared(_: Any) -> tuple[Any, bool]:
+            return self.engine, False               # not owned: only its owner shuts it down
 
-        async def owner(cfg: Any) -> tuple[Any, Any]:
-            self.engine, self.llm = await build_engine(cfg)
-            return self.engine, self.llm
+        async def owner(cfg: Any) -> tuple[Any, bool]:
+            self.engine, owned = await build_engine(cfg)
+            return self.engine, owned
 
         factory = shared if share_engine and self.engine is not None else owner
 
@@ -99,11 +98,11 @@ class ServerLoop:
 
     def close(self) -> None:
         for server in list(self.servers):
-            if server.llm is None:
+            if not server.owns_engine:
                 self.stop(server)
         for server in list(self.servers):                 # the engine owner last
             self.stop(server)
-        self.engine = self.llm = None
+        self.engine = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
 

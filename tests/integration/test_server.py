@@ -164,17 +164,15 @@ def test_ablating_a_firing_feature_zeroes_it(client: ResaeClient) -> None:
 
 def test_monitoring_values_equal_the_engine_api(client: ResaeClient, server: Any,
                                                 loop: ServerLoop) -> None:
-    from vllm import SamplingParams
-
     from resae_serve.engine.serving import collect
-    from resae_serve.engine.spec import MonitorSpec, SteerEdit
+    from resae_serve.engine.spec import MonitorSpec, SamplingSpec, SteerEdit
 
     request_monitor = monitor([6, 28], top_k=4, watch=[5, 9])
     steer = [edit(12, 3, "clamp", 20.0, "generation")]
     done = _greedy(client, max_tokens=5, monitor=request_monitor, interventions=steer)
     ids = [t.id for t in done.prompt_tokens]
     direct = loop.run(collect(server.service.engine.generate(
-        ids, SamplingParams(max_tokens=5, temperature=0.0),
+        ids, SamplingSpec(max_tokens=5, temperature=0.0),
         interventions=[SteerEdit(12, 3, "clamp", 20.0, "generation")],
         monitor=MonitorSpec((6, 28), 4, (5, 9)))))
     assert [t.id for t in done.tokens] == list(direct.token_ids)
@@ -303,10 +301,10 @@ def test_cancellation_aborts_the_engine_request(server: Any, client: ResaeClient
     assert next(stream).WhichOneof("kind") == "chunk"
     stream.close()                                 # cancels the call
     assert_idle(server)
-    assert server.service.engine.admission.resident == 0
+    assert server.service.engine.resident_configs == 0
     # its monitor results were discarded in the worker, also those encoded after the abort
-    stats = loop.run(server.llm.collective_rpc("resae_stats"))[0]
-    assert stats["monitor_stored_requests"] == 0, stats
+    stats = loop.run(server.service.engine.stats())
+    assert stats.monitor_stored_requests == 0, stats
     assert _greedy(client, max_tokens=2).summary is not None   # the slot is usable again
 
 
@@ -337,11 +335,11 @@ def test_health_follows_the_engine(loop: ServerLoop, dictionary: Path) -> None:
 
     release = threading.Event()
 
-    async def slow_engine(_: Any) -> tuple[Any, Any]:
+    async def slow_engine(_: Any) -> tuple[Any, bool]:
         await asyncio.to_thread(release.wait, 60)
-        return loop.engine, None
+        return loop.engine, False
 
-    async def broken_engine(_: Any) -> tuple[Any, Any]:
+    async def broken_engine(_: Any) -> tuple[Any, bool]:
         raise RuntimeError("no memory for the KV cache")
 
     async def started(factory: Any) -> Any:
@@ -455,6 +453,6 @@ def test_a_mismatched_dictionary_is_refused(dictionary: Path, tmp_path: Path) ->
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["model"]["fingerprint"] = "sha256:" + "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ServerConfigError, match="does not match model='smollm2-135m'"):
+    with pytest.raises(ServerConfigError, match=r"model='smollm2-135m'.* weight fingerprint"):
         check_dictionary(replace(base_config(other)))
     assert main(["serve", str(other), "--port", "0", "--metrics-port", "-1"]) == 2

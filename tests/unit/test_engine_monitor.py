@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from resae_serve.engine.monitor import Monitor, StepCapture
+from resae_serve.engine.rpc import MonitorEvent
 from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector, Threshold
 from resae_serve.engine.tables import SteeringTables
 from resae_serve.resae import ReSAE
@@ -51,17 +52,18 @@ def test_records_match_resae_encode_and_raise_threshold_events(architecture: str
     monitor.register("a", spec)
     monitor.submit(_step(resae, acts, spec))
     records = monitor.take("a")
-    assert [(r["position"], r["layer"]) for r in records] == [(p, LAYERS[1]) for p in range(5)]
+    assert [(r.key, r.position, r.layer) for r in records] == [
+        ("a", p, LAYERS[1]) for p in range(5)]
     for p, r in enumerate(records):
         values, ids = z[p].topk(3)
-        assert r["top_k"][0] == ids.tolist()
-        torch.testing.assert_close(torch.tensor(r["top_k"][1]), values, atol=1e-5, rtol=0)
-        assert r["watch"] == [pytest.approx(z[p, feature].item(), abs=1e-5)]
-        fired = r["watch"][0] >= threshold               # events read the reported values
-        assert ("events" in r) == fired
-        if fired:
-            assert r["events"] == [[feature, r["watch"][0], threshold]]
-    assert "events" in records[2]
+        assert r.top_ids == tuple(ids.tolist())
+        torch.testing.assert_close(torch.tensor(r.top_values), values, atol=1e-5, rtol=0)
+        assert r.watch == (pytest.approx(z[p, feature].item(), abs=1e-5),)
+        assert r.raw == ()
+        fired = r.watch[0] >= threshold                  # events read the reported values
+        assert r.events == ((MonitorEvent(p, LAYERS[1], feature, r.watch[0], threshold),)
+                            if fired else ())
+    assert records[2].events
 
 
 def test_recomputed_positions_are_counted_and_kept_once() -> None:
@@ -71,7 +73,7 @@ def test_recomputed_positions_are_counted_and_kept_once() -> None:
     monitor.submit(_step(resae, acts, spec))
     monitor.submit(_step(resae, acts, spec))  # the same positions again, as after a preemption
     records = monitor.take("a")
-    assert monitor.recomputed == 4 and [r["position"] for r in records] == [0, 1, 2, 3]
+    assert monitor.recomputed == 4 and [r.position for r in records] == [0, 1, 2, 3]
     monitor.finish("a")
     monitor.flush()
     assert "a" not in monitor.specs
@@ -133,14 +135,14 @@ def test_steered_tokens_report_the_codes_of_their_edited_activations(architectur
     want = resae.encode_dense(edited)
     for key, rows in (("c", range(0, 2)), ("s", range(2, 5))):
         records = mon.take(key)
-        assert [(r["position"], r["layer"]) for r in records] == [
+        assert [(r.position, r.layer) for r in records] == [
             (p, layer) for p in range(len(rows)) for layer in LAYERS]
         for r in records:
-            z = want[r["layer"]][rows[r["position"]]]
+            z = want[r.layer][rows[r.position]]
             values, ids = z.topk(4)
-            assert r["top_k"][0] == ids.tolist()
-            torch.testing.assert_close(torch.tensor(r["top_k"][1]), values, atol=1e-5, rtol=0)
-            torch.testing.assert_close(torch.tensor(r["watch"]), z[[feature, 3]],
+            assert r.top_ids == tuple(ids.tolist())
+            torch.testing.assert_close(torch.tensor(r.top_values), values, atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(r.watch), z[[feature, 3]],
                                        atol=1e-5, rtol=0)
     assert not torch.equal(want[LAYERS[1]][2:5], clean_z[2:5])   # the edits changed the codes
     torch.testing.assert_close(want[LAYERS[1]][:2], clean_z[:2], atol=1e-6, rtol=0)

@@ -1,4 +1,5 @@
-"""The async ``generate`` wrapper over a fake engine: admission, features, events, abort."""
+"""The async ``generate`` wrapper over a fake driver: admission, features, events, abort,
+liveness, and the typed worker RPCs (records in wire form, as vLLM's transport delivers them)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from resae_serve.engine.serving import EngineInfo, ResaeEngine, collect
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, Threshold
+from resae_serve.engine.rpc import EngineInfo, MonitorEvent, MonitorRecord, Rpc
+from resae_serve.engine.serving import ResaeEngine, collect
+from resae_serve.engine.spec import MonitorSpec, SamplingSpec, SteerEdit, SteeringSpec, Threshold
 from resae_serve.interventions import InterventionError
 
 INFO = EngineInfo(layers=(1, 3), d_sae=(32, 32), d_model=8, max_configs=1)
@@ -18,24 +20,27 @@ PROMPT = [5, 6, 7]
 
 
 class FakeEngine:
-    """Emits one token per step; the 'worker' records each step's input position."""
+    """A :class:`~resae_serve.engine.driver.Driver` that emits one token per step; the
+    'worker' records each step's input position."""
 
     def __init__(self, n_tokens: int = 3) -> None:
         self.n_tokens = n_tokens
-        self.records: dict[str, list[dict[str, Any]]] = {}
+        self.records: dict[str, list[MonitorRecord]] = {}
         self.live: list[str] = []
         self.aborted: list[str] = []
         self.discarded: list[str] = []
         self.salts: dict[str, str | None] = {}
+        self.samplings: dict[str, SamplingSpec] = {}
+        self.errored = False
         self.gate = asyncio.Event()
         self.gate.set()
 
-    async def generate(self, prompt: Any, sampling_params: Any,
+    async def generate(self, prompt: Any, sampling: SamplingSpec, steering: SteeringSpec,
                        request_id: str) -> AsyncIterator[Any]:
         self.live.append(request_id)
         self.salts[request_id] = prompt.get("cache_salt")
-        spec = (sampling_params.extra_args or {}).get("resae", {})
-        monitor = spec.get("monitor", {}).get("layers", [])
+        self.samplings[request_id] = sampling
+        monitor = steering.monitor.layers
         tokens: list[int] = []
         n_prompt = len(prompt["prompt_token_ids"])
         for step in range(self.n_tokens):
@@ -43,15 +48,13 @@ class FakeEngine:
             positions = range(n_prompt) if step == 0 else [n_prompt + step - 1]
             for p in positions:
                 for layer in monitor:
-                    record = {"key": request_id, "layer": layer, "position": p,
-                              "top_k": ([p, 0], [float(p), 0.0]), "watch": [float(p)]}
-                    if p == 1:
-                        record["events"] = [[4, 2.5, 2.0]]
-                    self.records.setdefault(request_id, []).append(record)
+                    events = (MonitorEvent(p, layer, 4, 2.5, 2.0),) if p == 1 else ()
+                    self.records.setdefault(request_id, []).append(MonitorRecord(
+                        request_id, p, layer, (p, 0), (float(p), 0.0), (float(p),),
+                        events=events))
             if step == 1:   # a recompute after preemption repeats position 0
                 self.records.setdefault(request_id, []).extend(
-                    {"key": request_id, "layer": layer, "position": 0, "top_k": ([], [])}
-                    for layer in monitor)
+                    MonitorRecord(request_id, 0, layer) for layer in monitor)
             tokens.append(100 + step)
             done = step == self.n_tokens - 1
             yield SimpleNamespace(request_id=request_id, finished=done, outputs=[SimpleNamespace(
@@ -65,25 +68,31 @@ class FakeEngine:
     async def collective_rpc(self, method: str, timeout: float | None = None,
                              args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
                              ) -> list[Any]:
-        if method == "resae_discard":
+        assert type(method) is str           # vLLM's transport gets the plain name
+        if method == Rpc.DISCARD:
             self.records.pop(args[0], None)
             self.discarded.append(args[0])
             return [None]
-        assert method == "resae_take_many"
-        return [{key: self.records.pop(key, []) for key in args[0]}]
+        if method == Rpc.INFO:
+            return [INFO.to_wire()]
+        assert method == Rpc.TAKE_MANY
+        # as msgpack delivers them: tuples become lists
+        return [{key: [_listed(r.to_wire()) for r in self.records.pop(key, [])]
+                 for key in args[0]}]
+
+    def num_unfinished(self) -> int:
+        return len(self.live)
+
+    def shutdown(self) -> None:
+        self.errored = True
 
 
-def _sampling() -> Any:
-    from dataclasses import dataclass, field, replace
+def _listed(value: Any) -> Any:
+    return [_listed(v) for v in value] if isinstance(value, tuple | list) else value
 
-    @dataclass
-    class Params:
-        extra_args: dict[str, Any] | None = field(default=None)
 
-        def clone(self) -> Params:
-            return replace(self)
-
-    return Params()
+def _sampling() -> SamplingSpec:
+    return SamplingSpec(max_tokens=3, temperature=0.0)
 
 
 def test_stream_delivers_tokens_features_and_events_in_order() -> None:
@@ -104,7 +113,7 @@ def test_stream_delivers_tokens_features_and_events_in_order() -> None:
         again = [c async for c in engine.generate(PROMPT, _sampling(), monitor=monitor,
                                                   request_id="b")]
         assert again[-1].finished
-        salts = engine.engine.salts                               # type: ignore[attr-defined]
+        salts = engine.driver.salts                               # type: ignore[attr-defined]
         assert salts["a"].startswith("resae-monitor-") and salts["a"] != salts["b"]
 
     asyncio.run(scenario())
@@ -167,3 +176,42 @@ def test_invalid_specs_fail_before_admission(kwargs: dict[str, Any], field: str)
 def test_threshold_value_must_be_finite() -> None:
     with pytest.raises(InterventionError, match="threshold value"):
         Threshold(1, 1, float("nan"))
+
+
+def test_connect_reads_info_and_liveness_comes_from_the_driver() -> None:
+    async def scenario() -> None:
+        fake = FakeEngine()
+        engine = await ResaeEngine.connect(fake, max_configs=4)
+        assert engine.info == INFO and engine.admission.max_configs == 1   # capped by the tables
+        sampling = SamplingSpec(max_tokens=3, temperature=0.5, seed=3, stop=("x",))
+        stream = engine.generate(PROMPT, sampling, request_id="a",
+                                 interventions=[SteerEdit(1, 2, "add", 1.0)])
+        await anext(stream)
+        assert fake.samplings["a"] == sampling                  # the spec reaches the driver
+        assert engine.num_unfinished() == 1 and engine.resident_configs == 1
+        await stream.aclose()
+        assert engine.resident_configs == 0 and not engine.errored
+        await engine.shutdown()
+        assert engine.errored
+
+    asyncio.run(scenario())
+
+
+def test_an_engine_error_mid_stream_releases_the_config() -> None:
+    from resae_serve.errors import EngineDeadError
+
+    class Dying(FakeEngine):
+        async def generate(self, prompt: Any, sampling: SamplingSpec, steering: SteeringSpec,
+                           request_id: str) -> AsyncIterator[Any]:
+            async for out in super().generate(prompt, sampling, steering, request_id):
+                yield out
+                raise EngineDeadError("the engine stopped")
+
+    async def scenario() -> None:
+        engine = ResaeEngine(Dying(), INFO)
+        with pytest.raises(EngineDeadError):
+            await collect(engine.generate(PROMPT, _sampling(), request_id="a",
+                                          interventions=[SteerEdit(1, 2, "add", 1.0)]))
+        assert engine.admission.resident == 0
+
+    asyncio.run(scenario())

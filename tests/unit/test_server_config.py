@@ -15,6 +15,7 @@ from resae_serve.server.config import (
     ServerConfigError,
     config_from_mapping,
     load_config_file,
+    with_model_defaults,
     with_overrides,
 )
 from resae_serve.server.convert import RequestError, interventions, monitor_spec
@@ -111,3 +112,18 @@ def test_monitor_conversion() -> None:
 def test_server_config_defaults_are_valid() -> None:
     config = ServerConfig(dictionary=Path("d"))
     assert not config.tls and config.limits.default_max_tokens <= config.limits.max_tokens
+
+
+def test_max_model_len_defaults_to_the_models_own_limit(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    config = ServerConfig(dictionary="d", model=str(folder))
+    assert config.engine.max_model_len is None
+    assert with_model_defaults(config).engine.max_model_len == 512
+    explicit = config_from_mapping({"dictionary": "d", "model": str(folder),
+                                    "engine": {"max_model_len": 256}})
+    assert with_model_defaults(explicit).engine.max_model_len == 256
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    with pytest.raises(ServerConfigError, match="declares no context limit.*--max-model-len"):
+        with_model_defaults(config)
