@@ -125,5 +125,5 @@ def test_max_model_len_defaults_to_the_models_own_limit(tmp_path: Path) -> None:
                                     "engine": {"max_model_len": 256}})
     assert with_model_defaults(explicit).engine.max_model_len == 256
     (folder / "config.json").write_text(json.dumps({"hidden_size": 8}))
-    with pytest.raises(ServerConfigError, match="declares no context limit.*--max-model-len"):
+    with pytest.raises(ServerConfigError, match=r"declares no context limit.*--max-model-len"):
         with_model_defaults(config)
