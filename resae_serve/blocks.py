@@ -24,9 +24,9 @@ def num_hidden_layers(model: nn.Module) -> int:
     return n
 
 
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """Return the qualified name and the ``ModuleList`` of the model's decoder blocks."""
-    n = num_hidden_layers(model)
+def block_list(model: nn.Module, n: int) -> tuple[str, nn.ModuleList] | None:
+    """The outermost ``ModuleList`` of ``n`` blocks of one class in ``model`` and its qualified
+    name (``None`` if there is none); also finds the blocks of vLLM's model classes."""
     for name, module in model.named_modules():  # pre-order: outermost first
         if (
             isinstance(module, nn.ModuleList)
@@ -34,6 +34,15 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
             and len({type(block) for block in module}) == 1
         ):
             return name, module
+    return None
+
+
+def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return the qualified name and the ``ModuleList`` of the model's decoder blocks."""
+    n = num_hidden_layers(model)
+    found = block_list(model, n)
+    if found is not None:
+        return found
     raise CaptureError(
         f"found no ModuleList of {n} identical blocks in {type(model).__name__}; "
         "this architecture is not supported for capture"

@@ -84,19 +84,21 @@ def model_max_len(folder: Path) -> int | None:
     return None
 
 
-def check_model_fits(folder: Path, dictionary: Path) -> None:
+def check_model_fits(folder: Path, dictionary: Path) -> str | None:
     """Refuse a dictionary whose model type, depth, width, layers or weight fingerprint differ
-    from the model in ``folder`` (the fingerprint where the dictionary records one)."""
+    from the model in ``folder`` (the fingerprint where the dictionary records one). Returns
+    the model's fingerprint when it was compared, else ``None``."""
     from resae_serve.artifact import read_manifest
     from resae_serve.fingerprint import model_fingerprint
 
     manifest = read_manifest(dictionary)
     identity = manifest.model
+    fingerprint = model_fingerprint(folder) if identity.fingerprint else None
     check_dictionary_fits(
         folder, model_type=identity.model_type, n_layers=identity.n_layers,
         d_model=manifest.d_model, layers=manifest.layers, fingerprint=identity.fingerprint,
-        model_fingerprint=model_fingerprint(folder) if identity.fingerprint else None,
-        where=f"dictionary {dictionary} (for {identity.name!r})")
+        model_fingerprint=fingerprint, where=f"dictionary {dictionary} (for {identity.name!r})")
+    return fingerprint
 
 
 def check_dictionary_fits(folder: Path, *, model_type: str, n_layers: int, d_model: int,

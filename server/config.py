@@ -246,7 +246,6 @@ def check_dictionary(config: ServerConfig) -> Manifest:
     type, depth, width, layers, weight fingerprint), before anything heavy starts. Returns the
     dictionary's manifest."""
     from resae_serve.families import UnsupportedModelError, check_model_fits, model_architecture
-    from resae_serve.fingerprint import model_fingerprint
     from resae_serve.models import resolve_model
 
     try:
@@ -256,10 +255,9 @@ def check_dictionary(config: ServerConfig) -> Manifest:
     folder = resolve_model(config.model)
     try:
         model_architecture(folder)
-        check_model_fits(folder, Path(config.dictionary))
+        fingerprint = check_model_fits(folder, Path(config.dictionary))
     except UnsupportedModelError as exc:
         raise ServerConfigError(f"model={config.model!r}: {exc}") from exc
-    fingerprint = model_fingerprint(folder) if manifest.model.fingerprint else None
     try:   # every tensor file against its recorded SHA-256, shapes, dtypes, finiteness
         load_artifact(Path(config.dictionary), expect_fingerprint=fingerprint)
     except ArtifactError as exc:

@@ -37,6 +37,7 @@ from torch import nn
 from vllm.config import VllmConfig
 
 from resae_serve.artifact import load_artifact
+from resae_serve.blocks import block_list
 from resae_serve.engine import op
 from resae_serve.engine.hook import StepHook
 from resae_serve.engine.monitor import Monitor
@@ -97,15 +98,15 @@ def _vllm_class(architecture: str) -> type[nn.Module]:
 
 
 def decoder_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
-    """The outermost ``ModuleList`` of ``n_layers`` blocks of one class (vLLM's ``layers``,
-    the Transformers backend's ``gpt_neox.layers``, …); found by structure, not by name."""
-    for module in model.modules():                  # pre-order: outermost first
-        if (isinstance(module, nn.ModuleList) and len(module) == n_layers
-                and len({type(block) for block in module}) == 1):
-            return module
-    raise UnsupportedModelError(
-        f"{type(model).__name__}: found no list of {n_layers} identical decoder blocks "
-        "(pipeline parallelism splits the blocks over ranks; it is not supported by the hook)")
+    """The decoder blocks of a vLLM model (vLLM's ``layers``, the Transformers backend's
+    ``gpt_neox.layers``, …), found by structure as capture finds them, not by name."""
+    found = block_list(model, n_layers)
+    if found is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: found no list of {n_layers} identical decoder blocks "
+            "(pipeline parallelism splits the blocks over ranks; it is not supported by the "
+            "hook)")
+    return found[1]
 
 
 def _steer_output(out: Any, index: int) -> Any:

@@ -55,7 +55,7 @@ from resae_serve.engine.spec import (
 logger = logging.getLogger(__name__)
 Intervention = SteerEdit | SteerVector
 __all__ = ["EngineInfo", "EngineStats", "GenerationChunk", "MonitorEvent", "ResaeEngine",
-           "ServingEngine", "TokenFeatures", "collect"]
+           "ServingEngine", "TokenFeatures", "collect", "steering_spec"]
 
 
 class TokenFeatures(NamedTuple):
@@ -119,6 +119,21 @@ class ServingEngine(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
+
+
+def steering_spec(info: EngineInfo, interventions: Sequence[Intervention] = (),
+                  monitor: MonitorSpec | None = None, key: str = "") -> SteeringSpec:
+    """The :class:`SteeringSpec` of a request, validated against the dictionary ``info``
+    describes (raises ``InterventionError`` naming the field)."""
+    edits = tuple(x for x in interventions if isinstance(x, SteerEdit))
+    vectors = tuple(x for x in interventions if isinstance(x, SteerVector))
+    if len(edits) + len(vectors) != len(interventions):
+        bad = next(x for x in interventions if not isinstance(x, SteerEdit | SteerVector))
+        raise TypeError(f"interventions: {type(bad).__name__} is neither SteerEdit nor "
+                        "SteerVector")
+    spec = SteeringSpec(edits, vectors, monitor or MonitorSpec(), key)
+    spec.validate(info.layers, info.d_sae, info.d_model)
+    return spec
 
 
 class _MonitorFetcher:
@@ -250,15 +265,7 @@ class ResaeEngine:
     def spec(self, interventions: Sequence[Intervention] = (), monitor: MonitorSpec | None = None,
              key: str = "") -> SteeringSpec:
         """A validated :class:`SteeringSpec` (raises ``InterventionError`` naming the field)."""
-        edits = tuple(x for x in interventions if isinstance(x, SteerEdit))
-        vectors = tuple(x for x in interventions if isinstance(x, SteerVector))
-        if len(edits) + len(vectors) != len(interventions):
-            bad = next(x for x in interventions if not isinstance(x, SteerEdit | SteerVector))
-            raise TypeError(f"interventions: {type(bad).__name__} is neither SteerEdit nor "
-                            "SteerVector")
-        spec = SteeringSpec(edits, vectors, monitor or MonitorSpec(), key)
-        spec.validate(self.info.layers, self.info.d_sae, self.info.d_model)
-        return spec
+        return steering_spec(self.info, interventions, monitor, key)
 
     async def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
                        interventions: Sequence[Intervention] = (),

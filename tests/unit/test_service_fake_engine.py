@@ -29,8 +29,13 @@ from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from resae_serve.artifact import read_manifest, save_artifact
 from resae_serve.engine.rpc import EngineInfo, MonitorEvent
-from resae_serve.engine.serving import GenerationChunk, Intervention, TokenFeatures
-from resae_serve.engine.spec import MonitorSpec, SamplingSpec, SteerEdit, SteeringSpec, SteerVector
+from resae_serve.engine.serving import (
+    GenerationChunk,
+    Intervention,
+    TokenFeatures,
+    steering_spec,
+)
+from resae_serve.engine.spec import MonitorSpec, SamplingSpec, SteeringSpec
 from resae_serve.errors import EngineDeadError, EngineRequestError
 from resae_serve.server.app import ResaeServer, create_server
 from resae_serve.server.client import ResaeClient, add, monitor
@@ -80,11 +85,7 @@ class FakeEngine:
 
     def spec(self, interventions: Sequence[Intervention] = (),
              monitor: MonitorSpec | None = None, key: str = "") -> SteeringSpec:
-        spec = SteeringSpec(tuple(x for x in interventions if isinstance(x, SteerEdit)),
-                            tuple(x for x in interventions if isinstance(x, SteerVector)),
-                            monitor or MonitorSpec(), key)
-        spec.validate(self.info.layers, self.info.d_sae, self.info.d_model)
-        return spec
+        return steering_spec(self.info, interventions, monitor, key)
 
     async def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
                        interventions: Sequence[Intervention] = (),
