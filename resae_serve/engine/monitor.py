@@ -52,6 +52,9 @@ class StepCapture:
     starts: np.ndarray
     layers: dict[int, tuple[np.ndarray, LayerCapture]] = field(default_factory=dict)
     """Dictionary position → (flat token indices (n,), the edited block outputs)."""
+    ready: torch.cuda.Event | None = None
+    """On CUDA: recorded on the decode stream after the captures were gathered; the monitor's
+    own stream waits for it (never the decode stream for the monitor)."""
 
 
 def _summaries(codes: Codes, d_sae: int, k: int, columns: list[int]
@@ -115,6 +118,8 @@ class Monitor:
     def __init__(self, resae: ReSAE, *, max_pending: int = 64) -> None:
         self.resae = resae
         self._gemm = [EncoderGemm(sae, packed=False) for sae in resae.saes]
+        device = resae.saes[0].W_dec.device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.specs: dict[str, MonitorSpec] = {}
         self.results: dict[str, list[MonitorRecord]] = defaultdict(list)
         self.stalled_steps = 0
@@ -177,12 +182,23 @@ class Monitor:
         return {key: self.take(key, wait=False) for key in keys}
 
     def _codes(self, i: int, capture: LayerCapture, take: torch.Tensor | None) -> Codes:
-        """Codes of the captured tokens ``take`` (all when ``None``)."""
+        """Codes of the captured tokens ``take`` (all when ``None``), on the host.
+
+        On CUDA the encode runs on the monitor's stream (the current one here) and only the
+        codes come back, through pinned memory; waiting for them waits for this stream
+        alone."""
         h, h_prev = capture.h, capture.h_prev
         if take is not None:
+            take = take.to(h.device)
             h, h_prev = h[take], None if h_prev is None else h_prev[take]
         u = self.resae.sae_input(i, h.float(), None if h_prev is None else h_prev.float())
-        return activate(self.resae.saes[i], self._gemm[i](u.to(self._gemm[i].dtype)))
+        codes = activate(self.resae.saes[i], self._gemm[i](u.to(self._gemm[i].dtype)))
+        if self._stream is None:
+            return codes
+        host = (SparseCodes(*(t.to("cpu", non_blocking=True) for t in codes))
+                if isinstance(codes, SparseCodes) else codes.to("cpu", non_blocking=True))
+        self._stream.synchronize()
+        return host
 
     def _records(self, step: StepCapture, i: int, capture: LayerCapture,
                  idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
@@ -213,7 +229,7 @@ class Monitor:
                 tuple(top_ids[n][: spec.top_k]) if spec.top_k else (),
                 tuple(top_values[n][: spec.top_k]) if spec.top_k else (),
                 tuple(picked[n][column[f]] for f in spec.watch),
-                tuple(capture.h[row].tolist()) if spec.raw else (), events))
+                tuple(capture.h[row].float().tolist()) if spec.raw else (), events))
         return records
 
     def _run(self) -> None:
@@ -250,6 +266,19 @@ class Monitor:
     @torch.no_grad()
     def _summarize(self, step: StepCapture) -> None:
         """Records of one step, one batched summary per layer over every monitored token."""
+        if self._stream is None:
+            self._summarize_here(step)
+            return
+        if step.ready is not None:
+            self._stream.wait_event(step.ready)
+        for _, capture in step.layers.values():   # made on the decode stream, read on ours
+            for t in capture:
+                if t is not None:
+                    t.record_stream(self._stream)
+        with torch.cuda.stream(self._stream):
+            self._summarize_here(step)
+
+    def _summarize_here(self, step: StepCapture) -> None:
         ends = np.cumsum(step.counts)
         firsts = ends - step.counts
         records: list[MonitorRecord] = []

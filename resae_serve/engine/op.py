@@ -7,9 +7,13 @@ opaque: the graph around it stays compiled and fused, and at run time the op bod
 It mutates ``hidden_states`` in place (declared in ``mutates_args``), which is how the
 intervention reaches vLLM's deferred residual add.
 
-On GPU with piecewise CUDA graphs, add ``"resae::steer"`` to
-``compilation_config.splitting_ops`` so the body runs eagerly between captured pieces (its
-token counts change per step); that is the supported GPU configuration of this hook.
+On GPU the body is the tables' fixed-shape one by default: it reads only persistent device
+tables and device-side flags, so vLLM's CUDA graphs (full decode graphs and piecewise ones)
+capture it with the rest of the forward, and a replay sees the tables of that step. The
+alternative, ``op_mode="split"`` in :func:`resae_serve.engine.llm.engine_kwargs`, lists the op
+in ``splitting_ops`` and runs the variable-shape body eagerly between captured pieces
+(:func:`resae_serve.engine.llm.compilation_config`). The timing below is host wall time; under
+CUDA graphs it is not called at all (``op_seconds`` then stays 0).
 """
 
 from __future__ import annotations

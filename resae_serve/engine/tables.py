@@ -23,20 +23,41 @@ in the same pass, after that layer's edits (what the stream actually carried), k
 persistent ``h_buf``.
 
 Monitoring reports the codes of the edited block output ``h + δ``, encoded on the monitor's
-thread, off the decode path (:mod:`resae_serve.engine.monitor`): the op copies ``h + δ`` of the
-monitored tokens (and the previous layer's edited output, for residual inputs).
+thread, off the decode path (:mod:`resae_serve.engine.monitor`): after the pass,
+:meth:`SteeringTables.take_captures` gathers ``h + δ`` of the monitored tokens from ``h_buf``
+(and the previous layer's edited output, for residual inputs).
 
-All tensors are allocated once, at construction (before vLLM's warm-up and compilation).
+Two bodies compute the same thing (parity: ``tests/unit/test_engine_tables.py``; on CUDA inside
+graph capture: ``benchmarks/gpu_check.py``):
+
+- the **eager** body (:meth:`SteeringTables._apply_eager`, the CPU default and the oracle):
+  encodes only the tokens whose rows read a feature, so its shapes change every step;
+- the **graph** body (:meth:`SteeringTables._apply_graph`, the CUDA default): fixed shapes over
+  the padded token count, masked arithmetic (row 0 adds nothing, empty slots move nothing),
+  reading only persistent tables, so it can be captured in a CUDA graph and replayed with the
+  tables changed between replays. Two device-side flags per layer (any add row, any reading
+  row) gate its two parts: inside CUDA-graph capture they become conditional nodes (the work is
+  skipped on the device when no row is active at that layer); outside capture the host's copy
+  of the same flags decides.
+
+The host writes each step's per-token rows and flags into host buffers (pinned on CUDA) and
+copies them, non-blocking, into persistent device buffers before the forward pass
+(:meth:`SteeringTables.prepare_step`); the op itself never synchronises with the host.
+
+All tensors are allocated once, at construction (before vLLM's warm-up and compilation), on the
+model's device.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from resae_serve.engine.gemm import EncoderGemm, SaeInputs
 from resae_serve.engine.screen import TopKScreen
@@ -98,40 +119,88 @@ class RequestRows:
     """Dictionary positions ``i`` whose block output is captured for monitoring."""
 
 
+class _Staged:
+    """A buffer the host fills each step and the copy of it the op reads on the device.
+
+    On CUDA the host side is pinned and :meth:`upload` copies it without blocking, on the
+    current stream (so it lands after the previous pass and before the next); elsewhere the
+    two are one tensor."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(shape, dtype=dtype, pin_memory=cuda)
+        self.np = self.host.numpy()
+        self.device = torch.zeros(shape, dtype=dtype, device=device) if cuda else self.host
+
+    def upload(self, n: int | None = None) -> None:
+        """Copy the host side (its first ``n`` entries along the last axis) to the device."""
+        if self.device is not self.host:
+            span = slice(None) if n is None else slice(0, n)
+            self.device[..., span].copy_(self.host[..., span], non_blocking=True)
+
+
+def _capturing_graph() -> torch.cuda.CUDAGraph | None:
+    """The CUDA graph being captured on this stream, when torch can add conditional nodes."""
+    get = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
+    if get is None or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+        return None
+    try:
+        graph: torch.cuda.CUDAGraph = get()
+    except RuntimeError:
+        return None
+    return graph
+
+
 class SteeringTables:
     """Persistent tables, row bookkeeping, host-side step preparation and the layer math."""
 
     def __init__(self, resae: ReSAE, *, max_tokens: int, max_rows: int = 65,
-                 dtype: torch.dtype = torch.float32, screen: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, screen: bool = True,
+                 device: torch.device | str = "cpu", graph_body: bool | None = None) -> None:
         """``screen``: read edited TopK features through :class:`TopKScreen` where it applies
-        (same values as the float32 encode; ``RESAE_BF16_SCREEN=0`` turns it off in the
-        engine)."""
-        self.resae = resae.eval()
+        (CPU eager body only; same values as the float32 encode; ``RESAE_BF16_SCREEN=0`` turns
+        it off in the engine). ``device``: the model's device (the dictionary moves there).
+        ``graph_body``: the fixed-shape body (default: on CUDA)."""
+        self.device = torch.device(device)
+        self.resae = resae.to(self.device).eval()
         self.layers = resae.layers
         n_layers, d = len(self.layers), resae.d_model
         self.max_tokens, self.max_rows, E = max_tokens, max_rows, MAX_EDITS_PER_LAYER
-        self.add_vec = torch.zeros(n_layers, max_rows, d, dtype=dtype)                # (L, R, d)
-        self.edit_feature = torch.zeros(n_layers, max_rows, E, dtype=torch.long)      # (L, R, E)
-        self.edit_op = torch.zeros(n_layers, max_rows, E, dtype=torch.long)
-        self.edit_value = torch.zeros(n_layers, max_rows, E)
+        self.graph_body = self.device.type == "cuda" if graph_body is None else graph_body
+        self.skip_inactive = True
+        """Skip a layer's add / encode when no row needs it (``False``: always run the graph
+        body's masked arithmetic, as a replay of a captured graph with every flag set does)."""
+
+        def table(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=self.device)
+
+        self.add_vec = table(n_layers, max_rows, d, dtype=dtype)                        # (L, R, d)
+        self.edit_feature = table(n_layers, max_rows, E)                                # (L, R, E)
+        self.edit_op = table(n_layers, max_rows, E)
+        self.edit_value = table(n_layers, max_rows, E, dtype=torch.float32)
         self.has_add = np.zeros((n_layers, max_rows), dtype=bool)
         self.n_slots = np.zeros((n_layers, max_rows), dtype=np.int64)
-        self.token_rows = torch.zeros(max_tokens, dtype=torch.long)                   # (T,)
-        self._token_rows_np = self.token_rows.numpy()
-        self.encode_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)         # (L, T)
-        self.capture_idx = torch.zeros(n_layers, max_tokens, dtype=torch.long)
+        self._token_rows = _Staged((max_tokens,), torch.long, self.device)              # (T,)
+        self._encode_idx = _Staged((n_layers, max_tokens), torch.long, self.device)     # (L, T)
+        self._flags = _Staged((2, n_layers), torch.bool, self.device)   # [add, encode] (2, L)
+        self.token_rows = self._token_rows.device
+        self._token_rows_np = self._token_rows.np
+        self.encode_idx = self._encode_idx.device
+        self._capture_idx = _Staged((n_layers, max_tokens), torch.long, self.device)
+        self.capture_idx = self._capture_idx.np                                         # (L, T)
         self.n_encode = [0] * n_layers
         self.n_capture = [0] * n_layers
         self.layer_add = [False] * n_layers
         self.slots_used = [0] * n_layers            # most slots of an encoded token's row
-        self.h_buf = torch.zeros(n_layers, max_tokens, d, dtype=dtype)               # (L, T, d)
+        self.h_buf = table(n_layers, max_tokens, d, dtype=dtype)                       # (L, T, d)
+        self._n_pass = 0                             # tokens in the pass the tables were set for
         self.active = False
         self.op_seconds = 0.0                     # time inside the op (resae_stats)
         self._gemm = [EncoderGemm(sae) for sae in resae.saes]
         self._inputs = SaeInputs(resae)
-        self.screens = [TopKScreen.for_sae(sae, gemm) if screen else None
+        cpu_eager = screen and self.device.type == "cpu" and not self.graph_body
+        self.screens = [TopKScreen.for_sae(sae, gemm) if cpu_eager else None
                         for sae, gemm in zip(resae.saes, self._gemm, strict=True)]
-        self.captures: list[LayerCapture | None] = [None] * n_layers
         self._rows: dict[str, _Row] = {}          # row content hash -> row
         self._free = list(range(max_rows - 1, 0, -1))
         self._requests: dict[str, tuple[RequestRows, tuple[str, str]]] = {}
@@ -161,7 +230,8 @@ class SteeringTables:
     def _write_row(self, r: int, edits: list[SteerEdit], vectors: list[SteerVector]) -> None:
         for i, layer in enumerate(self.layers):
             sae, scale = self.resae.saes[i], float(self.resae.scales[i])
-            add = torch.zeros(self.resae.d_model, dtype=torch.float64)
+            # on the device; the has_add test below syncs once per new config, outside the op
+            add = torch.zeros(self.resae.d_model, dtype=torch.float64, device=self.device)
             slot = 0
             self.edit_op[i, r] = int(EditOp.NONE)
             self.edit_feature[i, r] = 0
@@ -175,7 +245,7 @@ class SteeringTables:
                 self.edit_value[i, r, slot] = edit.value
                 slot += 1
             for vec in (v for v in vectors if v.layer == layer):
-                add += torch.tensor(vec.vector, dtype=torch.float64)
+                add += torch.tensor(vec.vector, dtype=torch.float64, device=self.device)
             self.add_vec[i, r] = add.to(self.add_vec.dtype)
             self.n_slots[i, r] = slot
             self.has_add[i, r] = bool(add.abs().sum() > 0)
@@ -234,7 +304,8 @@ class SteeringTables:
 
     def prepare_step(self, n_tokens: int, rows: list[RequestRows], counts: np.ndarray,
                      starts: np.ndarray, num_prompt: np.ndarray) -> None:
-        """Fill ``token_rows`` and the per-layer token lists for one forward pass.
+        """Fill ``token_rows``, the per-layer token lists and flags for one forward pass of
+        ``n_tokens`` (padded) tokens, and copy them to the device.
 
         ``counts[j]`` tokens of request ``j`` are scheduled, at positions ``starts[j] + t``;
         positions below ``num_prompt[j]`` are prompt tokens. Padding tokens get row 0.
@@ -247,8 +318,9 @@ class SteeringTables:
         gen_rows = np.array([r.generation for r in rows], dtype=np.int64)
         monitoring = [bool(r.monitor_layers) for r in rows]
         if not (prompt_rows.any() or gen_rows.any() or any(monitoring)):
-            self.active = False
+            self.deactivate()
             return
+        self._wait_for_upload()
         tok_req = np.repeat(np.arange(len(rows)), counts)
         offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
         positions = starts[tok_req] + offsets
@@ -256,6 +328,7 @@ class SteeringTables:
                               gen_rows[tok_req])
         self._token_rows_np[:total] = token_rows
         self._token_rows_np[total:n_tokens] = 0
+        flags = self._flags.np
         for i in range(len(self.layers)):
             slots = self.n_slots[i][token_rows]                                    # (total,)
             wanted = np.array([i in r.monitor_layers for r in rows], dtype=bool)
@@ -263,23 +336,67 @@ class SteeringTables:
             enc = np.flatnonzero(slots)
             cap = np.flatnonzero(monitored)
             self.n_encode[i], self.n_capture[i] = len(enc), len(cap)
-            self.encode_idx[i, : len(enc)] = torch.from_numpy(enc)
-            self.capture_idx[i, : len(cap)] = torch.from_numpy(cap)
+            self._encode_idx.np[i, : len(enc)] = enc
+            self.capture_idx[i, : len(cap)] = cap
             self.layer_add[i] = bool(self.has_add[i][token_rows].any())
             self.slots_used[i] = int(slots.max()) if len(enc) else 0
+            flags[0, i], flags[1, i] = self.layer_add[i], len(enc) > 0
+        self._n_pass = n_tokens
         self.active = True
+        self._upload(n_tokens, encode=not self.graph_body)
 
     def take_captures(self) -> dict[int, tuple[np.ndarray, LayerCapture]]:
-        """This pass's captures by dictionary position, with their flat token indices."""
-        out = {}
-        for i, capture in enumerate(self.captures):
-            if capture is not None:
-                out[i] = (self.capture_idx[i, : self.n_capture[i]].numpy().copy(), capture)
-                self.captures[i] = None
+        """This pass's captures by dictionary position, with their flat token indices: the
+        edited block outputs of the monitored tokens, gathered from ``h_buf`` after the pass
+        (on the device, on the current stream)."""
+        out: dict[int, tuple[np.ndarray, LayerCapture]] = {}
+        if not self.active:
+            return out
+        residual = self.resae.mode == "resae"
+        for i in range(len(self.layers)):
+            nc = self.n_capture[i]
+            if not nc:
+                continue
+            idx = self.capture_idx[i, :nc].copy()
+            cap = self._capture_idx.device[i, :nc]
+            h_prev = self.h_buf[i - 1].index_select(0, cap) if i and residual else None
+            out[i] = (idx, LayerCapture(self.h_buf[i].index_select(0, cap), h_prev))
         return out
 
+    def captures_ready(self) -> torch.cuda.Event | None:
+        """On CUDA, an event recorded now on the current stream: the monitor waits for it
+        before reading what :meth:`take_captures` gathered (``None`` elsewhere)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
     def deactivate(self) -> None:
+        """No intervention and no capture in the next pass (device flags cleared too)."""
         self.active = False
+        if self._flags.np.any():
+            self._wait_for_upload()
+            self._flags.np[:] = False
+            self._upload(0, encode=False)
+
+    def _upload(self, n_tokens: int, *, encode: bool) -> None:
+        self._token_rows.upload(n_tokens)
+        self._flags.upload()
+        if any(self.n_capture):
+            self._capture_idx.upload(n_tokens)
+        if encode:
+            self._encode_idx.upload(n_tokens)
+        if self.device.type == "cuda":
+            self._uploaded = torch.cuda.Event()
+            self._uploaded.record()
+
+    def _wait_for_upload(self) -> None:
+        """Before the host rewrites its pinned buffers: the previous copies out of them are
+        done (at most one pass behind; never inside the op)."""
+        event = getattr(self, "_uploaded", None)
+        if event is not None:
+            event.synchronize()
 
     # ------------------------------------------------------------------ the op body
 
@@ -287,13 +404,26 @@ class SteeringTables:
     def apply(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         """Edit ``hidden`` in place so that the block output ``h = hidden + residual`` (or
         ``h = hidden`` when ``residual`` is ``None``: no deferred add) becomes ``h + δ`` (layer
-        i); leave what the monitor needs of the monitored tokens in ``captures[i]``."""
-        self.captures[i] = None
+        i), and keep ``h + δ`` in ``h_buf[i]`` (the next layer's ``h_prev``, the monitor's
+        capture)."""
+        if self.graph_body:
+            self._apply_graph(i, hidden, residual)
+        else:
+            self._apply_eager(i, hidden, residual)
+
+    def _block_output(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None
+                      ) -> torch.Tensor:
+        n = hidden.shape[0]
+        return (self.h_buf[i, :n].copy_(hidden) if residual is None                 # (n, d)
+                else torch.add(hidden, residual, out=self.h_buf[i, :n]))
+
+    # -- the eager body: only the tokens that need it (CPU default, the oracle)
+
+    def _apply_eager(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
         if not self.active:
             return
         n = hidden.shape[0]
-        h = (self.h_buf[i, :n].copy_(hidden) if residual is None                   # (n, d)
-             else torch.add(hidden, residual, out=self.h_buf[i, :n]))
+        h = self._block_output(i, hidden, residual)
         delta = (self.add_vec[i].index_select(0, self.token_rows[:n])             # (n, d)
                  if self.layer_add[i] else None)
         if self.n_encode[i]:
@@ -301,12 +431,6 @@ class SteeringTables:
         if delta is not None:
             hidden.add_(delta)
             h.add_(delta)
-        nc = self.n_capture[i]
-        if nc:
-            cap = self.capture_idx[i, :nc]
-            h_prev = (self.h_buf[i - 1].index_select(0, cap)
-                      if i and self.resae.mode == "resae" else None)
-            self.captures[i] = LayerCapture(h.index_select(0, cap), h_prev)
 
     def _encode(self, i: int, hidden: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None
                 ) -> torch.Tensor | None:
@@ -337,3 +461,54 @@ class SteeringTables:
             hidden.index_add_(0, idx, delta_enc)
             h.index_add_(0, idx, delta_enc)
         return delta
+
+    # -- the graph body: fixed shapes, persistent tables, device-side flags (CUDA default)
+
+    def _apply_graph(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
+        capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not (capturing or self.active) and self.skip_inactive:
+            return
+        h = self._block_output(i, hidden, residual)
+        # The encode reads the clean block output, so it goes first (the add commutes).
+        self._gated(1, i, capturing, lambda: self._encode_all(i, hidden, h))
+        self._gated(0, i, capturing, lambda: self._add_rows(i, hidden, h))
+
+    def _gated(self, kind: int, i: int, capturing: bool, body: Callable[[], None]) -> None:
+        """Run ``body`` when flag ``kind`` (0 add, 1 encode) of layer ``i`` is set: on the
+        device inside CUDA-graph capture (a conditional node), else by the host's copy."""
+        if not capturing:
+            if not self.skip_inactive or (self.layer_add[i] if kind == 0 else self.n_encode[i]):
+                body()
+            return
+        graph = _capturing_graph()
+        if graph is None:            # no conditional nodes in this torch: masked work always
+            body()
+            return
+        graph.begin_capture_to_if_node(self._flags.device[kind, i])
+        try:
+            body()
+        finally:
+            graph.end_capture_to_conditional_node()
+
+    def _add_rows(self, i: int, hidden: torch.Tensor, h: torch.Tensor) -> None:
+        delta = self.add_vec[i].index_select(0, self.token_rows[: hidden.shape[0]])     # (n, d)
+        hidden.add_(delta)
+        h.add_(delta)
+
+    def _encode_all(self, i: int, hidden: torch.Tensor, h: torch.Tensor) -> None:
+        """Every token's slots read against its own codes; empty slots (``EditOp.NONE``) and
+        row 0 give a zero coefficient, so unsteered tokens move by exactly 0."""
+        n = hidden.shape[0]
+        rows = self.token_rows[:n]
+        sae, gemm = self.resae.saes[i], self._gemm[i]
+        u = self._inputs(i, h, self.h_buf[i - 1, :n] if i else None)
+        feature = self.edit_feature[i].index_select(0, rows)                       # (n, E)
+        z_at = codes_at(activate(sae, gemm(u.to(gemm.dtype))), feature)           # (n, E)
+        coef = edit_coefficients(z_at, self.edit_op[i].index_select(0, rows),
+                                 self.edit_value[i].index_select(0, rows))
+        # Σ_e coef[n, e] · W_dec[feature[n, e]] without an (n, E, d) gather
+        moved = F.embedding_bag(feature, sae.W_dec, per_sample_weights=coef.to(sae.W_dec.dtype),
+                                mode="sum")                                         # (n, d)
+        delta = (self.resae.scales[i] * moved).to(hidden.dtype)
+        hidden.add_(delta)
+        h.add_(delta)

@@ -133,3 +133,69 @@ def test_whole_batch_fast_path_matches_intervention_delta(architecture: str) -> 
     want = h1 + resae.intervention_delta(LAYERS[1], h1, h0, table)
     torch.testing.assert_close(got[LAYERS[1]], want, atol=ATOL, rtol=0)
     torch.testing.assert_close(got[LAYERS[0]], h0, atol=ATOL, rtol=0)   # no edits there
+
+
+def _mixed_step(tables: SteeringTables, padding: int) -> int:
+    """Five requests (plain, add, clamp+scale+ablate, vectors by phase, monitor only) in one
+    pass with prompt and generated tokens and ``padding`` pad tokens; the pass's token count."""
+    vector = tuple(float(x) for x in torch.linspace(-1, 1, D_MODEL))
+    specs: list[SteeringSpec | None] = [
+        None,
+        SteeringSpec(edits=(SteerEdit(LAYERS[0], 3, "add", 2.0),)),
+        SteeringSpec(edits=(SteerEdit(LAYERS[1], 5, "clamp", 1.5),
+                            SteerEdit(LAYERS[1], 7, "scale", 3.0),
+                            SteerEdit(LAYERS[0], 9, "ablate"))),
+        SteeringSpec(edits=(SteerEdit(LAYERS[1], 11, "clamp", 0.0, "generation"),),
+                     vectors=(SteerVector(LAYERS[0], vector, "prompt"),)),
+        SteeringSpec(monitor=MonitorSpec((LAYERS[1],)), key="m"),
+    ]
+    counts, starts, prompts = [3, 2, 4, 3, 2], [0, 5, 0, 2, 0], [3, 4, 4, 4, 2]
+    _step(tables, specs, counts, starts, prompts)
+    n = sum(counts) + padding
+    if padding:          # the same rows, now for a padded pass
+        rows = [tables.rows_of(f"r{j}") for j in range(len(specs))]
+        tables.prepare_step(n, rows, np.array(counts), np.array(starts),  # type: ignore[arg-type]
+                            np.array(prompts))
+    return n
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+@pytest.mark.parametrize("mode", ["resae", "layerwise"])
+@pytest.mark.parametrize("skip_inactive", [True, False])
+def test_graph_body_matches_eager_body(mode: str, architecture: str,
+                                       skip_inactive: bool) -> None:
+    """The fixed-shape body (what CUDA graphs capture) equals the eager body (the oracle):
+    edits, untouched tokens and padding, and the monitor's captures. ``skip_inactive=False``
+    runs its masked arithmetic at every layer, as a replayed graph with every flag set does."""
+    resae = tiny_resae(mode, architecture)  # type: ignore[arg-type]
+    results = {}
+    for graph in (False, True):
+        tables = SteeringTables(resae, max_tokens=24, max_rows=11, graph_body=graph,
+                                screen=False)
+        tables.skip_inactive = skip_inactive or not graph
+        n = _mixed_step(tables, padding=3)
+        acts = tiny_acts(n, seed=4)
+        clean, got = _run_layers(tables, acts)
+        captures = tables.take_captures()
+        results[graph] = (clean, got, captures)
+    (_, eager, caps_eager), (clean, graph_out, caps_graph) = results[False], results[True]
+    for layer in LAYERS:
+        torch.testing.assert_close(graph_out[layer], eager[layer], atol=ATOL, rtol=0)
+        assert torch.equal(graph_out[layer][:3], clean[layer][:3])      # unsteered: exact
+        assert torch.equal(graph_out[layer][-3:], clean[layer][-3:])    # padding: exact
+    assert caps_graph.keys() == caps_eager.keys() == {1}
+    idx_e, cap_e = caps_eager[1]
+    idx_g, cap_g = caps_graph[1]
+    assert idx_e.tolist() == idx_g.tolist() == [12, 13]
+    torch.testing.assert_close(cap_g.h, cap_e.h, atol=ATOL, rtol=0)
+    assert (cap_g.h_prev is None) == (cap_e.h_prev is None) == (mode == "layerwise")
+
+
+def test_graph_body_inactive_pass_is_exact() -> None:
+    tables = SteeringTables(tiny_resae(), max_tokens=8, max_rows=3, graph_body=True)
+    _step(tables, [None, None], [2, 1], [0, 5], [2, 4])
+    assert not tables.active and not tables._flags.np.any()
+    hidden = torch.randn(3, D_MODEL)
+    before = hidden.clone()
+    tables.apply(0, hidden, torch.randn(3, D_MODEL))
+    assert torch.equal(hidden, before)
