@@ -29,6 +29,8 @@ def _vllm() -> Any:
 
 OP_MODES = ("graph", "split")
 """How the op meets vLLM's CUDA graphs (:func:`compilation_config`)."""
+OP_BODIES = ("graph", "eager")
+"""The op's body (:class:`~resae_serve.engine.tables.SteeringTables`): fixed-shape or eager."""
 
 
 def compilation_config(op_mode: str, *, cuda: bool) -> dict[str, Any] | None:
@@ -61,7 +63,8 @@ def _on_cuda() -> bool:
 def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
                   max_model_len: int | None = None, max_num_seqs: int = 8,
                   max_configs: int = 32, enforce_eager: bool = False, dtype: str = "float32",
-                  seed: int = 0, op_mode: str = "graph", **extra: Any) -> dict[str, Any]:
+                  seed: int = 0, op_mode: str = "graph", op_body: str | None = None,
+                  **extra: Any) -> dict[str, Any]:
     """vLLM engine arguments that put the ReSAE hook at the dictionary's layers.
 
     The model is built by vLLM's own class for its architecture, with the hook added
@@ -70,8 +73,21 @@ def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[s
     ``max_model_len=None`` takes the model's own limit. ``enforce_eager=True`` is the fallback
     without torch.compile (slower; same results). ``max_configs`` caps distinct steering
     configs resident at once (table rows). ``op_mode``: how the op meets CUDA graphs on GPU
-    (:func:`compilation_config`; on CPU the eager body always).
+    (:func:`compilation_config`). ``op_body``: ``graph`` (the fixed-shape body; the default on
+    CUDA in ``graph`` mode, the only one CUDA graphs can capture) or ``eager`` (encodes only
+    the tokens that need it; the default on CPU and in ``split`` mode).
     """
+    cuda = _on_cuda()
+    compilation = compilation_config(op_mode, cuda=cuda)
+    graphed = cuda and op_mode == "graph" and not enforce_eager
+    if op_body is None:
+        op_body = "graph" if graphed else "eager"
+    if op_body not in OP_BODIES:
+        raise ValueError(f"op_body={op_body!r}; allowed: {', '.join(OP_BODIES)}")
+    if graphed and op_body != "graph":
+        raise ValueError("op_body='eager' cannot be captured in CUDA graphs: use "
+                         "op_mode='split' (the op runs between captured pieces) or "
+                         "enforce_eager=True")
     from resae_serve.engine.model import hooked_architecture, register_architectures
     from resae_serve.engine.worker import QUALNAME
 
@@ -84,13 +100,9 @@ def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[s
         enforce_eager=enforce_eager, worker_extension_cls=QUALNAME,
         hf_overrides={"architectures": [hooked_architecture(architecture)],
                       "resae_dictionary": str(Path(dictionary).resolve()),
-                      "resae_max_configs": max_configs},
+                      "resae_max_configs": max_configs, "resae_op_body": op_body},
         **extra,
     )
-    cuda = _on_cuda()
-    compilation = compilation_config(op_mode, cuda=cuda)
-    if cuda:
-        kwargs["hf_overrides"]["resae_op_body"] = "graph" if op_mode == "graph" else "eager"
     if compilation is not None and not enforce_eager:
         kwargs.setdefault("compilation_config", compilation)
     if max_model_len is not None:

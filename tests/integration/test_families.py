@@ -110,12 +110,18 @@ def _shutdown(llm: Any) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+GRAPH_BODY = "llama+graph-body"
+"""Llama again, with the op's fixed-shape body (the one CUDA graphs capture) inside vLLM's
+compiled CPU graph: every family check, run against that body."""
+
+
+@pytest.fixture(scope="module", params=[*FAMILIES, GRAPH_BODY])
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[Family]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    root = tmp_path_factory.mktemp(request.param)
-    folder = build_tiny_model(request.param, root / "model")
+    name, _, body = request.param.partition("+")
+    root = tmp_path_factory.mktemp(name)
+    folder = build_tiny_model(name, root / "model")
     dictionary = build_dictionary(folder, root / "dict", LAYERS)
     common = dict(dtype="float32", max_num_seqs=4, seed=0)
     hf = load_reference(folder)
@@ -124,7 +130,9 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     plain = plain_llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy(6),
                                use_tqdm=False)
     _shutdown(plain_llm)
-    llm = _engine(folder, lambda **kw: build_llm(folder, dictionary, **common, **kw))
+    op_body = "graph" if body else None
+    llm = _engine(folder, lambda **kw: build_llm(folder, dictionary, op_body=op_body, **common,
+                                                 **kw))
     resae, _ = load_artifact(dictionary)
     yield Family(request.param, folder, dictionary, hf, resae.eval(), plain, llm)
     _shutdown(llm)
