@@ -57,7 +57,8 @@ async def build_engine(config: ServerConfig) -> tuple[ServingEngine, bool]:
     engine = await ResaeEngine.build(config.model, config.dictionary,
                                      max_configs=e.max_configs, kv_cache_gib=e.kv_cache_gib,
                                      max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
-                                     enforce_eager=e.enforce_eager, dtype=e.dtype, **extra)
+                                     enforce_eager=e.enforce_eager, dtype=e.dtype,
+                                     op_mode=e.op_mode, **extra)
     return engine, True
 
 

@@ -60,6 +60,7 @@ class Limits:
 
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+OP_MODES = ("graph", "split")   # resae_serve.engine.llm.OP_MODES (no vLLM import here)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,9 @@ class EngineSettings:
     gpu_memory_utilization: float | None = None
     """GPU share vLLM may use; None keeps vLLM's default."""
     tensor_parallel_size: int = 1
+    op_mode: str = "graph"
+    """GPU only: how the op meets vLLM's CUDA graphs, ``graph`` (captured with the forward) or
+    ``split`` (runs between captured pieces); see ``resae_serve.engine.llm.compilation_config``."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_configs", "tensor_parallel_size"):
@@ -98,6 +102,9 @@ class EngineSettings:
         gpu = self.gpu_memory_utilization
         if gpu is not None and (not isinstance(gpu, int | float) or not 0 < gpu <= 1):
             raise ServerConfigError(f"engine.gpu_memory_utilization={gpu!r}; allowed (0, 1]")
+        if self.op_mode not in OP_MODES:
+            raise ServerConfigError(f"engine.op_mode={self.op_mode!r}; allowed: "
+                                    f"{', '.join(OP_MODES)}")
         if self.dtype not in DTYPES:
             raise ServerConfigError(f"engine.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}")
 

@@ -61,6 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="distinct steering configs resident at once (default 32)")
     p.add_argument("--enforce-eager", dest="engine_enforce_eager", action="store_true",
                    default=None, help="no torch.compile (fallback; slower)")
+    p.add_argument("--op-mode", dest="engine_op_mode", choices=("graph", "split"),
+                   help="GPU: the op inside vLLM's CUDA graphs (graph, default) or between "
+                        "captured pieces (split); ignored on CPU")
     p.add_argument("--kv-cache-gib", dest="engine_kv_cache_gib", type=int,
                    help="CPU KV cache size in whole GiB (default: vLLM's share of memory)")
     p.set_defaults(run=run)

@@ -54,6 +54,8 @@ def test_config_from_toml_and_flag_overrides(tmp_path: Path) -> None:
     ({"dictionary": "d", "tls_client_ca_file": "ca"}, "tls_client_ca_file needs"),
     ({"dictionary": "d", "engine": {"kv_cache_gib": 1.5}}, "engine.kv_cache_gib=1.5"),
     ({"dictionary": "d", "engine": {"max_num_seqs": 0}}, "engine.max_num_seqs=0"),
+    ({"dictionary": "d", "engine": {"op_mode": "full"}},
+     "engine.op_mode='full'; allowed: graph, split"),
 ])
 def test_bad_config_names_the_field(data: dict[str, object], message: str) -> None:
     with pytest.raises(ServerConfigError) as info:
