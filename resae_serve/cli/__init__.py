@@ -21,8 +21,16 @@ SUBCOMMANDS = ("fetch", "capture", "train", "import_", "eval", "features", "expo
                "export_saelens", "serve", "client")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``resae`` argument parser."""
+def _command_module(name: str) -> str:
+    """Module of the subcommand ``name`` (``import`` -> ``import_``, ``export-saelens`` ->
+    ``export_saelens``)."""
+    return {"import": "import_"}.get(name, name.replace("-", "_"))
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The ``resae`` argument parser: every subcommand, or just ``only`` (a subcommand's
+    module imports what that command needs: ``resae train`` loads no gRPC, vLLM or export
+    code)."""
     parser = argparse.ArgumentParser(
         prog="resae",
         description="Train, export and serve Residualized Sparse Autoencoders (ReSAEs).",
@@ -31,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
+    for name in SUBCOMMANDS if only is None else (only,):
         module = importlib.import_module(f"resae_serve.cli.{name}")
         module.add_parser(subparsers)
     return parser
@@ -39,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``resae`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    only = _command_module(command) if command is not None else None
+    args = build_parser(only if only in SUBCOMMANDS else None).parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
