@@ -36,7 +36,7 @@ from benchmarks._report import Section, fmt, median_seconds
 from resae_serve.engine import op
 from resae_serve.engine.monitor import Monitor, StepCapture
 from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
-from resae_serve.engine.tables import SteeringTables, _capturing_graph
+from resae_serve.engine.tables import CONDITIONAL_NODES, SteeringTables
 from resae_serve.resae import ReSAE
 from resae_serve.saes import SAEConfig, build_sae
 
@@ -161,8 +161,8 @@ def _parity(device: torch.device, quick: bool, section: Section) -> None:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            conditional = _capturing_graph() is not None
             static_out = stack_dev(static_in)
+        conditional = CONDITIONAL_NODES.get("status") == "used"
         return graph.replay, static_in, static_out
 
     worst = worst_cap = 0.0
@@ -212,7 +212,8 @@ def _parity(device: torch.device, quick: bool, section: Section) -> None:
         f"{n_records - mismatched_records}/{n_records} | {'yes' if conditional else 'no'} | "
         f"{'ok' if ok else 'FAILED'} |\n\n"
         "Conditional nodes: whether the device-side flags were captured as CUDA-graph "
-        "conditional nodes (else the masked body always runs).")
+        "conditional nodes (else the masked body always runs): "
+        f"{CONDITIONAL_NODES.get('status', 'not captured (CPU)')}.")
 
 
 def _layer(d: int, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:

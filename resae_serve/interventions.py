@@ -98,6 +98,13 @@ def edit_table(edits: Sequence[FeatureEdit], n_tokens: int, *, d_sae: int,
     return EditTable(feature, op, value)
 
 
+def edit_line(op: EditOp, value: float) -> tuple[float, float]:
+    """``(a, b)`` with ``edit_coefficients(z, op, value) == a·z + b`` (NONE: ``(0, 0)``):
+    what the engine's tables store per slot, so one ``addcmul`` gives every slot's change."""
+    return {EditOp.NONE: (0.0, 0.0), EditOp.ADD: (0.0, value), EditOp.CLAMP: (-1.0, value),
+            EditOp.SCALE: (value - 1.0, 0.0), EditOp.ABLATE: (-1.0, 0.0)}[op]
+
+
 def edit_coefficients(z_at: torch.Tensor, op: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Change of each edited latent, ``(N, E)``: how far along ``s_m · d_i`` to move ``h``.
 

@@ -3,7 +3,9 @@
 Per dictionary layer ``i`` (rows ``r``; row 0 = no intervention, never written)::
 
     add_vec[i, r]        (R, d)    Σ α·σ_i·W_dec[f] over add edits + Σ raw vectors
-    edit_*[i, r, e]      (R, E)    clamp / scale / ablate slots (feature, EditOp, value)
+    edit_feature[i, r, e] (R, E)   clamp / scale / ablate slots: the feature read
+    edit_line[i, r, e]   (R, E, 2) the slot's change as a line in the feature's code,
+                                   coef = a·z + b (:func:`~resae_serve.interventions.edit_line`)
     n_slots[i, r]        host int: slots in use (they read their feature's value: encode)
 
 Each step the host writes one row index per token of the flat batch (``token_rows``) and, per
@@ -12,7 +14,7 @@ scale, ablate) and of the tokens to monitor. :meth:`SteeringTables.apply` then, 
 with block output ``h = hidden + residual`` (vLLM defers the residual add)::
 
     z[f_e] = SAE_i.encode(u_i(h, h_prev))[f_e]     only the tokens with reading slots
-    δ      = add_vec[i, row] + σ_i Σ_e coef(z[f_e], op_e, v_e) W_dec[f_e]   (feature_delta)
+    δ      = add_vec[i, row] + σ_i Σ_e (a_e z[f_e] + b_e) W_dec[f_e]      (feature_delta)
     hidden += δ                                    so the block output becomes h + δ
 
 which is :meth:`resae_serve.resae.ReSAE.intervention_delta` with the add edits folded into
@@ -53,7 +55,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -63,7 +65,7 @@ from resae_serve.engine.gemm import EncoderGemm, SaeInputs
 from resae_serve.engine.screen import TopKScreen
 from resae_serve.engine.spec import MAX_EDITS_PER_LAYER, SteerEdit, SteeringSpec, SteerVector
 from resae_serve.errors import ResaeError
-from resae_serve.interventions import EditOp, edit_coefficients
+from resae_serve.interventions import EditOp, edit_line
 from resae_serve.resae import ReSAE
 from resae_serve.saes.base import SAE, SparseCodes
 from resae_serve.saes.topk import TopKSAE
@@ -139,15 +141,29 @@ class _Staged:
             self.device[..., span].copy_(self.host[..., span], non_blocking=True)
 
 
-def _capturing_graph() -> torch.cuda.CUDAGraph | None:
-    """The CUDA graph being captured on this stream, when torch can add conditional nodes."""
-    get = getattr(torch.cuda.CUDAGraph, "get_currently_capturing_graph", None)
-    if get is None or not hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node"):
+CONDITIONAL_NODES: dict[str, str] = {}
+"""Why the last capture did or did not get conditional nodes (``{"status": ...}``; reports)."""
+
+
+def _capturing_graph() -> Any:
+    """The CUDA graph being captured on this stream, when torch can add conditional nodes
+    (``torch.cuda.CUDAGraph.get_currently_capturing_graph`` and ``begin_capture_to_if_node``;
+    CUDA 12.4+ builds). Without them the graph body's masked arithmetic always runs."""
+    cls = torch.cuda.CUDAGraph
+    missing = [name for name in ("get_currently_capturing_graph", "begin_capture_to_if_node",
+                                 "end_capture_to_conditional_node") if not hasattr(cls, name)]
+    if missing:
+        CONDITIONAL_NODES["status"] = f"torch {torch.__version__} lacks CUDAGraph.{missing[0]}"
         return None
     try:
-        graph: torch.cuda.CUDAGraph = get()
-    except RuntimeError:
+        graph = cls.get_currently_capturing_graph()
+    except RuntimeError as err:
+        CONDITIONAL_NODES["status"] = f"get_currently_capturing_graph: {err}"
         return None
+    if graph is None:
+        CONDITIONAL_NODES["status"] = "get_currently_capturing_graph returned None"
+        return None
+    CONDITIONAL_NODES["status"] = "used"
     return graph
 
 
@@ -176,8 +192,7 @@ class SteeringTables:
 
         self.add_vec = table(n_layers, max_rows, d, dtype=dtype)                        # (L, R, d)
         self.edit_feature = table(n_layers, max_rows, E)                                # (L, R, E)
-        self.edit_op = table(n_layers, max_rows, E)
-        self.edit_value = table(n_layers, max_rows, E, dtype=torch.float32)
+        self.edit_line = table(n_layers, max_rows, E, 2, dtype=torch.float32)           # a, b
         self.has_add = np.zeros((n_layers, max_rows), dtype=bool)
         self.n_slots = np.zeros((n_layers, max_rows), dtype=np.int64)
         self._token_rows = _Staged((max_tokens,), torch.long, self.device)              # (T,)
@@ -233,19 +248,19 @@ class SteeringTables:
             # on the device; the has_add test below syncs once per new config, outside the op
             add = torch.zeros(self.resae.d_model, dtype=torch.float64, device=self.device)
             slot = 0
-            self.edit_op[i, r] = int(EditOp.NONE)
-            self.edit_feature[i, r] = 0
-            self.edit_value[i, r] = 0.0
+            feature = torch.zeros(MAX_EDITS_PER_LAYER, dtype=torch.long)
+            line = torch.zeros(MAX_EDITS_PER_LAYER, 2)
             for edit in (e for e in edits if e.layer == layer):
                 if edit.mode == "add":
                     add += edit.value * scale * sae.W_dec[edit.feature].detach().double()
                     continue
-                self.edit_feature[i, r, slot] = edit.feature
-                self.edit_op[i, r, slot] = int(EditOp[edit.mode.upper()])
-                self.edit_value[i, r, slot] = edit.value
+                feature[slot] = edit.feature
+                line[slot] = torch.tensor(edit_line(EditOp[edit.mode.upper()], edit.value))
                 slot += 1
             for vec in (v for v in vectors if v.layer == layer):
                 add += torch.tensor(vec.vector, dtype=torch.float64, device=self.device)
+            self.edit_feature[i, r] = feature.to(self.device)     # one copy per table row
+            self.edit_line[i, r] = line.to(self.device)
             self.add_vec[i, r] = add.to(self.add_vec.dtype)
             self.n_slots[i, r] = slot
             self.has_add[i, r] = bool(add.abs().sum() > 0)
@@ -258,7 +273,7 @@ class SteeringTables:
         if row.refs == 0:
             del self._rows[key]
             self.add_vec[:, row.index].zero_()
-            self.edit_op[:, row.index].zero_()
+            self.edit_line[:, row.index].zero_()
             self.has_add[:, row.index] = False
             self.n_slots[:, row.index] = 0
             self._free.append(row.index)
@@ -450,9 +465,8 @@ class SteeringTables:
         screen, gemm = self.screens[i], self._gemm[i]
         z_at = (screen.codes_at(u, feature) if screen is not None
                 else codes_at(activate(sae, gemm(u.to(gemm.dtype))), feature))    # (ne, s)
-        coef = edit_coefficients(z_at,
-                                 self.edit_op[i, :, :used].index_select(0, rows),
-                                 self.edit_value[i, :, :used].index_select(0, rows))
+        line = self.edit_line[i, :, :used].index_select(0, rows)                  # (ne, s, 2)
+        coef = torch.addcmul(line[..., 1], line[..., 0], z_at)
         delta_enc = (self.resae.scales[i] * torch.einsum(
             "ne,ned->nd", coef, sae.W_dec[feature])).to(hidden.dtype)
         if whole:
@@ -496,16 +510,16 @@ class SteeringTables:
         h.add_(delta)
 
     def _encode_all(self, i: int, hidden: torch.Tensor, h: torch.Tensor) -> None:
-        """Every token's slots read against its own codes; empty slots (``EditOp.NONE``) and
-        row 0 give a zero coefficient, so unsteered tokens move by exactly 0."""
+        """Every token's slots read against its own codes; empty slots and row 0 have the
+        line ``(0, 0)``, a zero coefficient, so unsteered tokens move by exactly 0."""
         n = hidden.shape[0]
         rows = self.token_rows[:n]
         sae, gemm = self.resae.saes[i], self._gemm[i]
         u = self._inputs(i, h, self.h_buf[i - 1, :n] if i else None)
         feature = self.edit_feature[i].index_select(0, rows)                       # (n, E)
         z_at = codes_at(activate(sae, gemm(u.to(gemm.dtype))), feature)           # (n, E)
-        coef = edit_coefficients(z_at, self.edit_op[i].index_select(0, rows),
-                                 self.edit_value[i].index_select(0, rows))
+        line = self.edit_line[i].index_select(0, rows)                            # (n, E, 2)
+        coef = torch.addcmul(line[..., 1], line[..., 0], z_at)
         # Σ_e coef[n, e] · W_dec[feature[n, e]] without an (n, E, d) gather
         moved = F.embedding_bag(feature, sae.W_dec, per_sample_weights=coef.to(sae.W_dec.dtype),
                                 mode="sum")                                         # (n, d)

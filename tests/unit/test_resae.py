@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resae_serve.interventions import EditOp, EditTable, FeatureEdit, InterventionError, edit_table
+from resae_serve.interventions import (
+    EditOp,
+    EditTable,
+    FeatureEdit,
+    InterventionError,
+    edit_coefficients,
+    edit_line,
+    edit_table,
+)
 from tests.unit.resae_fixtures import D_MODEL, D_SAE, LAYERS, K, tiny_acts, tiny_resae
 
 ATOL = 1e-5
@@ -117,3 +125,14 @@ def test_errors_name_layer_and_feature() -> None:
         resae.encode({1: acts[1]})
     with pytest.raises(InterventionError, match="also needs the activations of layer 1"):
         resae.intervention_delta(3, acts[3], None, table)
+
+
+def test_edit_line_equals_edit_coefficients() -> None:
+    """The engine's per-slot line ``a·z + b`` is each edit mode's coefficient."""
+    z = torch.tensor([[-1.5, 0.0, 0.25, 3.0]])
+    for op in EditOp:
+        value = 1.75
+        a, b = edit_line(op, value)
+        want = edit_coefficients(z, torch.full_like(z, int(op), dtype=torch.long),
+                                 torch.full_like(z, value))
+        assert torch.equal(a * z + b, want), op
