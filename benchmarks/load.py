@@ -1,7 +1,8 @@
 """Bounded load on the gRPC server: concurrent mixed Generate streams, latency and memory.
 
     python -m benchmarks.load --streams 16 --duration 60 [--requests N] [--tokens 32]
-        [--mix plain=0.4,steered=0.3,monitored=0.3] [--target HOST:PORT [--server-pid PID]]
+        [--mix plain=0.4,steered=0.3,monitored=0.3] [--max-num-seqs N]
+        [--target HOST:PORT [--server-pid PID] | --serve [--dictionary DIR]]
         [--out docs/load-results.json] [--no-record]
     python -m benchmarks.load --overload [--max-pending 4] [--burst 12] [--tokens 32]
 
@@ -15,7 +16,13 @@ on feature ids derived from the worker index (so workers hold distinct steering 
 ``ignore_eos`` and ``--tokens`` new tokens. Per call it records the status code, the time to
 the first token (from sending), per-token latency (the gap between token chunks divided by
 the chunk's tokens, one sample per token) and the tokens received. A thread samples the RSS
-of the server process and its children (vLLM EngineCore and worker) every second.
+of the server process and its children (vLLM EngineCore and worker) every second, and of each
+process apart every ``--rss-interval`` seconds (growth per process, RSS per minute).
+
+``--serve`` runs ``python -m resae_serve serve`` as a child process (the deployment: its own
+processes, the KV cache sized to the job unless ``--kv-cache-gib``), on a random dictionary of
+the real shape with the real fingerprint unless ``--dictionary``; the soak of
+``docs/RELIABILITY.md`` is ``--serve --streams 64 --duration 600 --max-num-seqs 16`` (and 64).
 
 Without ``--target`` the server runs in this process (as in ``benchmarks/server.py``: a random
 dictionary of the real shape with the real model's fingerprint, the compiled engine) on its own
@@ -38,7 +45,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,6 +54,7 @@ import grpc
 
 from benchmarks._inprocess import in_process_server
 from benchmarks._memory import MemorySampler, MemoryStats, listening_pid
+from benchmarks._soak import ProcessSampler, rss_tables, serve_child
 
 logger = logging.getLogger("benchmarks.load")
 KINDS = ("plain", "steered", "monitored")
@@ -205,8 +213,10 @@ class LoadResult:
     wall_s: float
     tokens_per_s: float
     ttft_p50_s: float | None
+    ttft_p90_s: float | None
     ttft_p99_s: float | None
     token_p50_s: float | None
+    token_p90_s: float | None
     token_p99_s: float | None
     memory: MemoryStats | None
     error_details: list[str] = field(default_factory=list)
@@ -286,8 +296,8 @@ def summarize(config: LoadConfig, records: list[RequestRecord], wall_s: float,
     return LoadResult(
         config, len(records), {k: dict(c) for k, c in by_kind.items()}, len(errors),
         sum(r.code == CUT for r in records), tokens, wall_s, tokens / wall_s,
-        percentile(ttft, 50), percentile(ttft, 99), percentile(per_token, 50),
-        percentile(per_token, 99), memory,
+        percentile(ttft, 50), percentile(ttft, 90), percentile(ttft, 99),
+        percentile(per_token, 50), percentile(per_token, 90), percentile(per_token, 99), memory,
         sorted({f"{r.code}: {r.detail}" for r in errors})[:10])
 
 
@@ -309,9 +319,11 @@ def load_tables(result: LoadResult) -> str:
         ("calls / errors / cut", f"{result.requests} / {result.errors} / {result.cut}"),
         ("tokens, wall", f"{result.tokens}, {result.wall_s:.1f} s"),
         ("throughput", f"{result.tokens_per_s:.1f} tokens/s"),
-        ("TTFT p50 / p99", f"{_ms(result.ttft_p50_s)} / {_ms(result.ttft_p99_s)} ms"),
-        ("per-token latency p50 / p99",
-         f"{_ms(result.token_p50_s)} / {_ms(result.token_p99_s)} ms"),
+        ("TTFT p50 / p90 / p99", f"{_ms(result.ttft_p50_s)} / {_ms(result.ttft_p90_s)} / "
+                                 f"{_ms(result.ttft_p99_s)} ms"),
+        ("per-token latency p50 / p90 / p99",
+         f"{_ms(result.token_p50_s)} / {_ms(result.token_p90_s)} / "
+         f"{_ms(result.token_p99_s)} ms"),
     ]
     if m is not None:
         figures.append((f"server RSS ({m.processes} processes) start / end / max",
@@ -392,8 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overload", action="store_true")
     parser.add_argument("--max-pending", type=int, default=4, help="in-process --overload")
     parser.add_argument("--burst", type=int, help="default 3 × max_pending")
-    parser.add_argument("--kv-cache-gib", type=int, default=1,
-                        help="whole GiB (VLLM_CPU_KVCACHE_SPACE is parsed as an int)")
+    parser.add_argument("--serve", action="store_true",
+                        help="run `resae serve` as a child process (default: in-process)")
+    parser.add_argument("--dictionary", type=Path,
+                        help="--serve: dictionary folder (default: random, real shape)")
+    parser.add_argument("--max-num-seqs", type=int, help="engine batch (default: --streams)")
+    parser.add_argument("--max-model-len", type=int, default=512, help="--serve")
+    parser.add_argument("--kv-cache-gib", type=float, default=None,
+                        help="KV cache GiB (default: --serve the server's own sizing, "
+                             "in-process 1)")
+    parser.add_argument("--rss-interval", type=float, default=5.0,
+                        help="seconds between per-process RSS samples")
     parser.add_argument("--out", type=Path, help="JSON (default docs/load[-overload]-results)")
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args(argv)
@@ -402,16 +423,22 @@ def main(argv: list[str] | None = None) -> int:
                         tokens=args.tokens, mix=parse_mix(args.mix), grace_s=args.grace,
                         seed=args.seed)
     burst = args.burst or 3 * args.max_pending
+    seqs = args.max_num_seqs or (burst if args.overload else args.streams)
+    pending = args.max_pending if args.overload else 4 * args.streams
     load_before = os.getloadavg()[0]
+    processes: list[Any] = []
+    in_process = not (args.target or args.serve)
     with contextlib.ExitStack() as stack:
         if args.target:
             target, pid = args.target, args.server_pid or listening_pid(args.target)
             if pid is None:
                 logger.warning("server pid unknown (give --server-pid): no memory sampling")
+        elif args.serve:
+            child, port = stack.enter_context(_served(args, seqs, pending))
+            target, pid = f"127.0.0.1:{port}", child.pid
         else:
             server = stack.enter_context(in_process_server(
-                burst if args.overload else args.streams, args.tokens,
-                args.max_pending if args.overload else 4 * args.streams, args.kv_cache_gib))
+                seqs, args.tokens, pending, math.ceil(args.kv_cache_gib or 1)))
             target, pid = f"127.0.0.1:{server.port}", os.getpid()
         if args.overload:
             n_warm = min(burst, args.max_pending)
@@ -429,10 +456,17 @@ def main(argv: list[str] | None = None) -> int:
                               tokens=config.tokens, mix=config.mix)
             logger.info("warm-up: %d calls", warm.requests)
             asyncio.run(run_load(target, warm, token=args.token))
-            result = asyncio.run(run_load(target, config, token=args.token, server_pid=pid))
+            with (ProcessSampler(pid, args.rss_interval) if pid
+                  else contextlib.nullcontext()) as sampler:
+                result = asyncio.run(run_load(target, config, token=args.token,
+                                              server_pid=pid))
             table = load_tables(result)
             data = asdict(result)
-        if not args.target:
+            if sampler is not None:
+                processes = sampler.series()
+                table += "\n\n" + rss_tables(processes)
+                data["processes"] = [asdict(p) for p in processes]
+        if in_process:
             data["server_after"] = after = server.wait_idle()
             table += ("\n\nServer after the run (polled up to 30 s): "
                       + ", ".join(f"{k} {v}" for k, v in after.items()))
@@ -451,12 +485,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _served(args: argparse.Namespace, seqs: int, pending: int) -> Iterator[tuple[Any, int]]:
+    """``resae serve`` as a child process for ``--serve`` (a random dictionary unless given)."""
+    import tempfile
+
+    from benchmarks.engine import random_dictionary
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dictionary = args.dictionary or random_dictionary(Path(tmp) / "dict")
+        flags = ["--max-num-seqs", str(seqs), "--max-model-len", str(args.max_model_len),
+                 "--max-pending", str(pending), "--max-tokens", str(max(args.tokens, 64))]
+        if args.kv_cache_gib is not None:
+            flags += ["--kv-cache-gib", str(args.kv_cache_gib)]
+        with serve_child(dictionary, flags, Path(tmp) / "server.log") as served:
+            yield served
+
+
 def _record(args: argparse.Namespace, argv: list[str] | None, table: str, load_before: float,
             load_after: float) -> None:
     from benchmarks._common import append_results
 
     command = ("python -m benchmarks.load " + " ".join(argv or sys.argv[1:])).strip()
+    seqs = args.max_num_seqs or args.streams
+    kv = (f"KV cache {args.kv_cache_gib:g} GiB" if args.kv_cache_gib is not None
+          else "KV cache sized by the server")
     where = (f"server at {args.target}" if args.target else
+             f"`resae serve` child process (SmolLM2-135M compiled, max_num_seqs {seqs}, "
+             f"max_model_len {args.max_model_len}, {kv}; random dictionary of the real shape: "
+             "4 layers × 4608 latents, k 32)" if args.serve else
              "in-process server (SmolLM2-135M compiled, random dictionary of the real shape: "
              "4 layers × 4608 latents, k 32; client and server share the GIL and the cores)")
     load = f"1-minute load average {load_before:.1f} at the start, {load_after:.1f} at the end."

@@ -4,7 +4,12 @@
 free one, so tests run side by side) and returns ``(server, port)`` without starting the
 engine; :meth:`ResaeServer.start` starts serving at once with health ``NOT_SERVING`` and loads
 the vLLM engine in the background (a minute or more); health turns ``SERVING`` when it is
-ready and back to ``NOT_SERVING`` if it dies (a watchdog polls it). :meth:`ResaeServer.stop`
+ready and back to ``NOT_SERVING`` if it dies (a watchdog polls it): calls in flight end
+``UNAVAILABLE``, and an engine the server owns is rebuilt (``restart_attempts`` tries with
+exponential backoff from ``restart_backoff_s``; ``restart_engine = false`` turns that off), after
+which health is ``SERVING`` again; a shared engine is never rebuilt here. Before the engine
+loads, :func:`~resae_serve.server.config.check_memory` refuses a configuration whose weights,
+KV cache, dictionary and tables would not fit the memory available. :meth:`ResaeServer.stop`
 reports ``NOT_SERVING``, stops accepting calls, lets in-flight streams finish within
 ``grace_s``, cancels the rest (their engine requests are aborted), then shuts the engine down.
 """
@@ -31,7 +36,13 @@ from resae_serve.catalog import Catalog, CatalogError, load_catalog
 from resae_serve.engine.serving import ResaeEngine, ServingEngine
 from resae_serve.models import resolve_model
 from resae_serve.server.auth import BearerAuthInterceptor, load_tokens
-from resae_serve.server.config import ServerConfig, check_dictionary, with_model_defaults
+from resae_serve.server.config import (
+    MAX_BACKOFF_S,
+    ServerConfig,
+    check_dictionary,
+    check_memory,
+    with_model_defaults,
+)
 from resae_serve.server.errors import ErrorInterceptor
 from resae_serve.server.metrics import ServerMetrics
 from resae_serve.server.service import ResaeService
@@ -44,18 +55,23 @@ EngineFactory = Callable[[ServerConfig], Awaitable[tuple[ServingEngine, bool]]]
 """Loads the engine for a config: the engine, and whether this server owns it (shuts it down
 when it stops; a shared engine is left running for its owner)."""
 WATCHDOG_S = 1.0
+_CLOSING: set[asyncio.Future[None]] = set()
 
 
 async def build_engine(config: ServerConfig) -> tuple[ServingEngine, bool]:
-    """The :class:`ResaeEngine` for ``config``, owned by the server."""
+    """The :class:`ResaeEngine` for ``config``, owned by the server, with the KV cache of
+    :func:`~resae_serve.server.config.check_memory` (which refuses a configuration that does
+    not fit the memory available now)."""
     e = config.engine
+    plan = check_memory(config)
+    logger.debug("memory: %s", plan.describe())
     extra: dict[str, Any] = {}
     if e.gpu_memory_utilization is not None:
         extra["gpu_memory_utilization"] = e.gpu_memory_utilization
     if e.tensor_parallel_size != 1:
         extra["tensor_parallel_size"] = e.tensor_parallel_size
     engine = await ResaeEngine.build(config.model, config.dictionary,
-                                     max_configs=e.max_configs, kv_cache_gib=e.kv_cache_gib,
+                                     max_configs=e.max_configs, kv_cache_bytes=plan.kv_cache,
                                      max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
                                      enforce_eager=e.enforce_eager, dtype=e.dtype,
                                      op_mode=e.op_mode, **extra)
@@ -75,6 +91,8 @@ class ResaeServer:
         self.owns_engine = False
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
+        self.restarts = 0
+        """Engine rebuilds that succeeded."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _set_health(self, serving: bool) -> None:
@@ -98,30 +116,96 @@ class ResaeServer:
 
     async def _load_engine(self) -> None:
         try:
-            engine, self.owns_engine = await self.engine_factory(self.config)
+            engine, owned = await self._build()
         except Exception as exc:
             logger.exception("the engine failed to load")
             self.service.fail(f"failed to load: {type(exc).__name__}")
             await self._set_health(False)
             self.ready.set()
             return
-        self.engine = engine
-        self.service.attach(engine)
-        self.metrics.track_configs(lambda: engine.resident_configs)
-        await self._set_health(True)
+        await self._adopt(engine, owned)
         self.ready.set()
         logger.info("engine ready: serving %s with dictionary %s", self.config.model,
                     self.config.dictionary)
         self._tasks.append(asyncio.create_task(self._watchdog()))
 
+    async def _build(self) -> tuple[ServingEngine, bool]:
+        """``engine_factory(config)``; an engine that lands after this server stopped waiting
+        (cancelled: the server is stopping) is shut down, not leaked."""
+        task = asyncio.ensure_future(self.engine_factory(self.config))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_shut_down_late)
+            raise
+
+    async def _adopt(self, engine: ServingEngine, owned: bool) -> None:
+        """Serve with ``engine`` from now on: new calls reach it, health turns SERVING."""
+        self.engine, self.owns_engine = engine, owned
+        self.service.attach(engine)
+        self.metrics.track_configs(lambda: engine.resident_configs)
+        await self._set_health(True)
+
     async def _watchdog(self) -> None:
+        """Poll the engine; when it dies turn NOT_SERVING and fail calls, then rebuild it
+        (an owned engine, restarts on) or stay down."""
         while True:
             await asyncio.sleep(WATCHDOG_S)
-            if self.engine is not None and self.engine.errored:   # shared ones die for all
-                logger.error("the engine died; health is NOT_SERVING")
-                self.service.fail("engine died")
-                await self._set_health(False)
+            dead = self.engine
+            if dead is None or not dead.errored:           # shared ones die for all
+                continue
+            logger.error("the engine died; health is NOT_SERVING")
+            self.service.fail("engine died")
+            await self._set_health(False)
+            if not self.owns_engine:
+                logger.error("the engine is shared with another owner and is not rebuilt "
+                             "here: this server stays NOT_SERVING")
                 return
+            if not self.config.restart_engine:
+                self.service.fail("engine died; restarts are off")
+                logger.error("engine restarts are off (restart_engine = false): this server "
+                             "stays NOT_SERVING until it is restarted")
+                return
+            self.engine = None
+            try:
+                await dead.shutdown()                      # its processes and memory
+            except Exception:
+                logger.exception("shutting down the dead engine failed; rebuilding anyway")
+            del dead
+            gc.collect()
+            if not await self._restart():
+                return
+
+    async def _restart(self) -> bool:
+        """Rebuild the engine: ``restart_attempts`` tries, the first after
+        ``restart_backoff_s`` seconds, doubling (at most ``MAX_BACKOFF_S``). True when serving
+        again."""
+        attempts, delay = self.config.restart_attempts, self.config.restart_backoff_s
+        for attempt in range(1, attempts + 1):
+            self.service.fail(f"engine died; restarting, attempt {attempt} of {attempts}")
+            logger.warning("rebuilding the engine in %.1f s (attempt %d of %d)", delay, attempt,
+                           attempts)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_S)
+            started = time.monotonic()
+            try:
+                engine, owned = await self._build()
+            except Exception:
+                self.metrics.engine_restarts.labels(outcome="failed").inc()
+                logger.exception("engine restart attempt %d of %d failed", attempt, attempts)
+                continue
+            self.metrics.engine_restarts.labels(outcome="ok").inc()
+            self.restarts += 1
+            await self._adopt(engine, owned)
+            logger.warning("engine restarted in %.0f s (attempt %d of %d; restart %d of this "
+                           "server); health is SERVING", time.monotonic() - started, attempt,
+                           attempts, self.restarts)
+            return True
+        self.service.fail(f"engine died and {attempts} restart attempts failed; restart the "
+                          "server")
+        logger.error("the engine died and all %d restart attempts failed: this server stays "
+                     "NOT_SERVING until it is restarted", attempts)
+        return False
 
     def held(self) -> dict[str, int]:
         """What the server still holds of past calls (all 0 when idle): open streams, admitted
@@ -167,6 +251,17 @@ class ResaeServer:
         logger.info("stopped")
 
 
+def _shut_down_late(task: asyncio.Future[tuple[ServingEngine, bool]]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    engine, owned = task.result()
+    if owned:
+        logger.info("shutting down an engine that finished loading after the server stopped")
+        closing = asyncio.ensure_future(engine.shutdown())
+        _CLOSING.add(closing)                   # the loop holds tasks weakly
+        closing.add_done_callback(_CLOSING.discard)
+
+
 def _tokenizer(model: str) -> tuple[Any, int]:
     from transformers import AutoTokenizer
 
@@ -189,6 +284,8 @@ async def create_server(config: ServerConfig, *, engine_factory: EngineFactory =
     """A bound, not yet started server and its port (refuses a mismatched dictionary)."""
     manifest = manifest or check_dictionary(config)
     config = with_model_defaults(config)
+    if engine_factory is build_engine:      # refuse now what would not fit
+        logger.info("memory: %s", check_memory(config).describe())
     tokenizer, vocab = _tokenizer(config.model)
     metrics = ServerMetrics()
     # The error interceptor is outermost, so it also counts calls that auth turns away.

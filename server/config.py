@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from resae_serve.artifact import ArtifactError, Manifest, load_artifact, read_manifest
+from resae_serve.engine.memory import MemoryPlan
 from resae_serve.errors import ResaeError
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ class Limits:
                                     f"above limits.max_tokens={self.max_tokens}")
 
 
+MAX_BACKOFF_S = 60.0
+"""Longest wait between two engine rebuild attempts."""
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 OP_MODES = ("graph", "split")   # resae_serve.engine.llm.OP_MODES (no vLLM import here)
 
@@ -77,11 +82,14 @@ class EngineSettings:
     enforce_eager: bool = False
     """Disable torch.compile / CUDA graphs (fallback; slower)."""
     dtype: str = "float32"
-    kv_cache_gib: int | None = None
-    """CPU KV cache size in whole GiB (``VLLM_CPU_KVCACHE_SPACE``); None keeps vLLM's default
-    (a share of all memory, which fails when other processes hold much of it)."""
+    kv_cache_gib: float | None = None
+    """KV cache size in GiB (vLLM's ``kv_cache_memory_bytes``). None: on CPU, what the
+    configuration needs (``max_num_seqs × max_model_len`` tokens, see
+    ``resae_serve.engine.memory``; ``VLLM_CPU_KVCACHE_SPACE`` in the environment, whole GiB,
+    wins over that); on GPU, vLLM's sizing from ``gpu_memory_utilization``."""
     gpu_memory_utilization: float | None = None
-    """GPU share vLLM may use; None keeps vLLM's default."""
+    """GPU only: the share of GPU memory vLLM may use for weights, activations and KV cache
+    (vLLM's meaning; None keeps its default, 0.9). Ignored when ``kv_cache_gib`` is set."""
     tensor_parallel_size: int = 1
     op_mode: str = "graph"
     """GPU only: how the op meets vLLM's CUDA graphs, ``graph`` (captured with the forward) or
@@ -96,9 +104,8 @@ class EngineSettings:
                 raise ServerConfigError(f"engine.{name}={value!r}; must be an integer >= 1")
         kv = self.kv_cache_gib
         if kv is not None and (not isinstance(kv, int | float) or isinstance(kv, bool)
-                               or not float(kv).is_integer() or kv < 1):
-            raise ServerConfigError(f"engine.kv_cache_gib={kv!r}; must be a whole number of "
-                                    "GiB >= 1 (vLLM reads an integer)")
+                               or not math.isfinite(kv) or kv <= 0):
+            raise ServerConfigError(f"engine.kv_cache_gib={kv!r}; must be a number of GiB > 0")
         gpu = self.gpu_memory_utilization
         if gpu is not None and (not isinstance(gpu, int | float) or not 0 < gpu <= 1):
             raise ServerConfigError(f"engine.gpu_memory_utilization={gpu!r}; allowed (0, 1]")
@@ -137,6 +144,14 @@ class ServerConfig:
     """Largest gRPC message either way."""
     grace_s: float = 10.0
     """Seconds in-flight streams get to finish on SIGTERM/SIGINT before they are cancelled."""
+    restart_engine: bool = True
+    """Rebuild an engine this server owns when it dies (health NOT_SERVING meanwhile); off
+    where an orchestrator restarts the whole process instead."""
+    restart_attempts: int = 5
+    """Rebuild attempts after one death; when all fail the server stays NOT_SERVING."""
+    restart_backoff_s: float = 2.0
+    """Seconds before the first rebuild attempt; doubles after each failed one (at most
+    ``MAX_BACKOFF_S``)."""
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port"):
@@ -152,6 +167,15 @@ class ServerConfig:
             raise ServerConfigError(f"max_message_bytes={self.max_message_bytes}; at least 1024")
         if self.grace_s < 0:
             raise ServerConfigError(f"grace_s={self.grace_s}; must be >= 0")
+        if not isinstance(self.restart_engine, bool):
+            raise ServerConfigError(f"restart_engine={self.restart_engine!r}; true or false")
+        if (not isinstance(self.restart_attempts, int) or isinstance(self.restart_attempts, bool)
+                or self.restart_attempts < 1):
+            raise ServerConfigError(f"restart_attempts={self.restart_attempts!r}; must be an "
+                                    "integer >= 1 (turn restarts off with restart_engine=false)")
+        if not 0 <= self.restart_backoff_s <= MAX_BACKOFF_S:
+            raise ServerConfigError(f"restart_backoff_s={self.restart_backoff_s}; allowed "
+                                    f"0..{MAX_BACKOFF_S:g}")
 
     @property
     def tls(self) -> bool:
@@ -271,3 +295,77 @@ def check_dictionary(config: ServerConfig) -> Manifest:
         raise ServerConfigError(f"dictionary={config.dictionary} is damaged: {exc}. Restore it "
                                 "from the training output or retrain it") from exc
     return manifest
+
+
+KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+"""vLLM's CPU KV cache size in whole GiB; read as the KV size when ``kv_cache_gib`` is unset."""
+
+
+def on_gpu() -> bool:
+    """Whether the engine will run on a GPU (a CUDA build of torch that sees one)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def memory_plan(config: ServerConfig, *, gpu: bool | None = None) -> MemoryPlan:
+    """What the engine for ``config`` will hold (:mod:`resae_serve.engine.memory`). The KV
+    cache: ``engine.kv_cache_gib`` if set, else ``VLLM_CPU_KVCACHE_SPACE`` (CPU), else on CPU
+    what the configuration needs and on GPU vLLM's own sizing."""
+    from resae_serve.engine.memory import GIB, MemoryPlanError, plan_memory
+    from resae_serve.models import resolve_model
+
+    config = with_model_defaults(config)
+    e = config.engine
+    gpu = on_gpu() if gpu is None else gpu
+    kv_bytes, source = None, ""
+    if e.kv_cache_gib is not None:
+        kv_bytes, source = int(e.kv_cache_gib * GIB), "engine.kv_cache_gib"
+    elif not gpu and os.environ.get(KV_ENV, "") != "":
+        try:
+            kv_bytes, source = int(os.environ[KV_ENV]) * GIB, KV_ENV
+        except ValueError as exc:
+            raise ServerConfigError(f"{KV_ENV}={os.environ[KV_ENV]!r}; vLLM reads a whole "
+                                    "number of GiB (or unset it)") from exc
+    assert e.max_model_len is not None                      # with_model_defaults set it
+    try:
+        return plan_memory(resolve_model(config.model), Path(config.dictionary), dtype=e.dtype,
+                           max_num_seqs=e.max_num_seqs, max_model_len=e.max_model_len,
+                           max_configs=e.max_configs, kv_cache_bytes=kv_bytes,
+                           kv_source=source, on_gpu=gpu)
+    except MemoryPlanError as exc:
+        raise ServerConfigError(f"model={config.model!r}: {exc}") from exc
+
+
+def check_memory(config: ServerConfig, *, available: int | None = None,
+                 gpu: bool | None = None) -> MemoryPlan:
+    """Refuse a configuration whose engine would not fit the memory available now
+    (``available`` bytes; default what the kernel reports), naming the numbers and the
+    setting to change; returns the plan. On GPU the plan is returned unchecked: vLLM checks
+    GPU memory against ``gpu_memory_utilization`` itself."""
+    from resae_serve.engine.memory import available_memory, gib
+
+    plan = memory_plan(config, gpu=gpu)
+    longest = with_model_defaults(config).engine.max_model_len or 0
+    if plan.kv_cache is not None and plan.kv_tokens < longest:
+        raise ServerConfigError(
+            f"the KV cache ({gib(plan.kv_cache)}, {plan.kv_source}) holds {plan.kv_tokens} "
+            f"tokens, fewer than one sequence of engine.max_model_len={longest}; raise "
+            f"--kv-cache-gib to at least {gib(plan.kv_bytes_per_token * longest, up=True)} or "
+            "lower --max-model-len")
+    if plan.on_gpu:
+        return plan
+    available = available_memory() if available is None else available
+    if available is None:
+        logger.warning("cannot read the memory available (no /proc/meminfo or psutil); "
+                       "not checking that the engine fits")
+        return plan
+    if plan.total > available:
+        change = {"engine.kv_cache_gib": "lower --kv-cache-gib",
+                  KV_ENV: f"lower {KV_ENV} (whole GiB) or set --kv-cache-gib"}.get(
+            plan.kv_source, "lower --max-num-seqs or --max-model-len (the KV cache is sized "
+            "for max_num_seqs × max_model_len tokens), or set a smaller --kv-cache-gib")
+        raise ServerConfigError(
+            f"the engine needs about {gib(plan.total)} of memory ({plan.describe()}) but "
+            f"{gib(available)} is available: {change}, or free memory")
+    return plan

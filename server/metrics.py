@@ -81,6 +81,10 @@ class ServerMetrics:
         self.engine_up = Gauge(
             "resae_engine_up", "1 while the engine is ready to serve, else 0.",
             registry=self.registry)
+        self.engine_restarts = Counter(
+            "resae_engine_restarts",
+            "Engine rebuild attempts after the engine died, by outcome (ok, failed).",
+            labelnames=("outcome",), registry=self.registry)
 
     def record_request(self, rpc: str, code: grpc.StatusCode) -> None:
         """Count one finished call of ``rpc`` (e.g. ``"Generate"``) ending with ``code``."""

@@ -2,7 +2,9 @@
 
 Flags override the config file (``--config serve.toml``; same names, ``[limits]`` and
 ``[engine]`` tables). The server refuses to start, with the reason, when the dictionary was
-trained on another model (fingerprint), or its layers or width do not fit the model.
+trained on another model (fingerprint), or its layers or width do not fit the model, or when
+the engine (weights, KV cache, dictionary, tables) would not fit the memory available. An
+engine that dies is rebuilt (``--restart-attempts``, ``--no-restart-engine``).
 """
 
 from __future__ import annotations
@@ -64,8 +66,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--op-mode", dest="engine_op_mode", choices=("graph", "split"),
                    help="GPU: the op inside vLLM's CUDA graphs (graph, default) or between "
                         "captured pieces (split); ignored on CPU")
-    p.add_argument("--kv-cache-gib", dest="engine_kv_cache_gib", type=int,
-                   help="CPU KV cache size in whole GiB (default: vLLM's share of memory)")
+    p.add_argument("--kv-cache-gib", dest="engine_kv_cache_gib", type=float,
+                   help="KV cache size in GiB (default on CPU: what --max-num-seqs × "
+                        "--max-model-len tokens need, +10 %%; on GPU: vLLM's share from "
+                        "--gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", dest="engine_gpu_memory_utilization",
+                   type=float, help="GPU: share of GPU memory vLLM may use (vLLM's meaning, "
+                                    "default 0.9); ignored on CPU")
+    p.add_argument("--no-restart-engine", dest="restart_engine", action="store_false",
+                   default=None, help="do not rebuild the engine when it dies (stay "
+                                      "NOT_SERVING; for orchestrators that restart the process)")
+    p.add_argument("--restart-attempts", type=int,
+                   help="engine rebuild attempts after a death (default 5)")
+    p.add_argument("--restart-backoff", dest="restart_backoff_s", type=float,
+                   help="seconds before the first rebuild attempt, doubling (default 2)")
     p.set_defaults(run=run)
 
 

@@ -25,11 +25,12 @@ queue to drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any, NamedTuple, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from resae_serve.engine.admission import ConfigAdmission
 from resae_serve.engine.driver import AsyncLLMDriver, Driver
@@ -51,8 +52,13 @@ from resae_serve.engine.spec import (
     SteeringSpec,
     SteerVector,
 )
+from resae_serve.errors import EngineDeadError
 
 logger = logging.getLogger(__name__)
+KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
+DEAD_POLL_S = 0.25
+"""How often a worker RPC in flight checks that the engine still lives."""
+T = TypeVar("T")
 Intervention = SteerEdit | SteerVector
 __all__ = ["EngineInfo", "EngineStats", "GenerationChunk", "MonitorEvent", "ResaeEngine",
            "ServingEngine", "TokenFeatures", "collect", "steering_spec"]
@@ -136,6 +142,22 @@ def steering_spec(info: EngineInfo, interventions: Sequence[Intervention] = (),
     return spec
 
 
+async def _unless_dead(driver: Driver, call: Awaitable[T]) -> T:
+    """``call`` (a worker RPC), or :class:`EngineDeadError` once the engine has died: vLLM
+    leaves an RPC that is in flight when its engine dies waiting forever."""
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DEAD_POLL_S)
+            if done:
+                return task.result()
+            if driver.errored:
+                raise EngineDeadError("the engine stopped")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 class _MonitorFetcher:
     """Coalesces monitor fetches of concurrent requests into one RPC per round."""
 
@@ -175,7 +197,8 @@ class _MonitorFetcher:
         wait, self._flush = bool(self._flush & keys), self._flush - keys
         self._inflight = keys
         try:
-            taken = await take_many_async(self.driver, keys, wait=wait)
+            taken = await _unless_dead(self.driver,
+                                       take_many_async(self.driver, keys, wait=wait))
             for key, records in taken.items():
                 self._buffers.setdefault(key, []).extend(records)
             self.rounds += 1
@@ -199,6 +222,18 @@ def _features(records: list[MonitorRecord], delivered: dict[int, int]
     return features, events
 
 
+@contextlib.contextmanager
+def _kv_env_cleared(clear: bool) -> Iterator[None]:
+    """Without ``VLLM_CPU_KVCACHE_SPACE`` while vLLM builds its config and starts its processes:
+    vLLM's CPU backend lets that variable (whole GiB) override ``kv_cache_memory_bytes``."""
+    saved = os.environ.pop(KV_ENV, None) if clear else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[KV_ENV] = saved
+
+
 class ResaeEngine:
     """Async per-request steering and monitoring over one engine with the ReSAE hook."""
 
@@ -213,17 +248,23 @@ class ResaeEngine:
     @classmethod
     async def build(cls, model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
                     max_configs: int = 32, kv_cache_gib: float | None = None,
-                    **engine_kwargs: Any) -> ResaeEngine:
+                    kv_cache_bytes: int | None = None, **engine_kwargs: Any) -> ResaeEngine:
         """Start vLLM's ``AsyncLLM`` with the ReSAE hook and wrap it (a minute or more; the
         event loop keeps running meanwhile).
 
-        ``kv_cache_gib``: the KV cache on CPU (``None``: vLLM's default); ``engine_kwargs``:
+        ``kv_cache_bytes`` (or ``kv_cache_gib``): the KV cache, passed to vLLM as
+        ``kv_cache_memory_bytes`` (``None``: vLLM's default, on CPU ``VLLM_CPU_KVCACHE_SPACE``
+        or a share of all memory, on GPU ``gpu_memory_utilization``); ``engine_kwargs``:
         :func:`~resae_serve.engine.llm.engine_kwargs` (``max_model_len``, ``dtype`` ...)."""
         from resae_serve.engine.llm import build_async_llm
 
-        if kv_cache_gib is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
-        llm = await build_async_llm(model, dictionary, max_configs=max_configs, **engine_kwargs)
+        if kv_cache_bytes is None and kv_cache_gib is not None:
+            kv_cache_bytes = int(kv_cache_gib * 2**30)
+        if kv_cache_bytes is not None:
+            engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        with _kv_env_cleared(kv_cache_bytes is not None):
+            llm = await build_async_llm(model, dictionary, max_configs=max_configs,
+                                        **engine_kwargs)
         driver = AsyncLLMDriver(llm)
         try:
             return await cls.connect(driver, max_configs)
@@ -254,7 +295,7 @@ class ResaeEngine:
 
     async def stats(self) -> EngineStats:
         """The worker's counters."""
-        return await stats_async(self.driver)
+        return await _unless_dead(self.driver, stats_async(self.driver))
 
     async def shutdown(self) -> None:
         """Stop the engine (its processes and memory); on a worker thread, as it blocks."""
@@ -306,7 +347,9 @@ class ResaeEngine:
                     await self.driver.abort(request_id)
                     if monitoring:      # drop its results here and in the worker
                         await self._fetcher.forget(request_id)
-                        await discard_async(self.driver, request_id)
+                        with contextlib.suppress(EngineDeadError):    # then nothing is left
+                            await _unless_dead(self.driver,
+                                               discard_async(self.driver, request_id))
             finally:
                 await self.admission.release(handle)
 

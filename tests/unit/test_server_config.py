@@ -8,13 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from resae_serve.engine.memory import GIB, RUNTIME_BYTES, default_kv_cache_bytes
 from resae_serve.server.codegen import PACKAGE_DIR, generate
 from resae_serve.server.config import (
+    KV_ENV,
     Limits,
     ServerConfig,
     ServerConfigError,
+    check_memory,
     config_from_mapping,
     load_config_file,
+    memory_plan,
     with_model_defaults,
     with_overrides,
 )
@@ -52,7 +56,10 @@ def test_config_from_toml_and_flag_overrides(tmp_path: Path) -> None:
     ({"dictionary": "d", "port": 70000}, "port=70000; allowed 0..65535"),
     ({"dictionary": "d", "tls_cert_file": "c"}, "tls_cert_file and tls_key_file go together"),
     ({"dictionary": "d", "tls_client_ca_file": "ca"}, "tls_client_ca_file needs"),
-    ({"dictionary": "d", "engine": {"kv_cache_gib": 1.5}}, "engine.kv_cache_gib=1.5"),
+    ({"dictionary": "d", "engine": {"kv_cache_gib": 0}}, "engine.kv_cache_gib=0"),
+    ({"dictionary": "d", "restart_attempts": 0}, "restart_attempts=0"),
+    ({"dictionary": "d", "restart_backoff_s": -1}, "restart_backoff_s=-1"),
+    ({"dictionary": "d", "restart_engine": "no"}, "restart_engine='no'"),
     ({"dictionary": "d", "engine": {"max_num_seqs": 0}}, "engine.max_num_seqs=0"),
     ({"dictionary": "d", "engine": {"op_mode": "full"}},
      "engine.op_mode='full'; allowed: graph, split"),
@@ -129,3 +136,79 @@ def test_max_model_len_defaults_to_the_models_own_limit(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(ServerConfigError, match=r"declares no context limit.*--max-model-len"):
         with_model_defaults(config)
+
+
+# ----------------------------------------------------------------------------- memory
+
+@pytest.fixture
+def sized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ServerConfig:
+    """A tiny Llama folder (weights saved) and a tiny dictionary; no KV size in the env."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from resae_serve.artifact import save_artifact
+    from tests.unit.resae_fixtures import IDENTITY, tiny_resae
+
+    monkeypatch.delenv(KV_ENV, raising=False)
+    LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=8, intermediate_size=16,
+                                 num_hidden_layers=4, num_attention_heads=2,
+                                 num_key_value_heads=1, max_position_embeddings=512)
+                     ).save_pretrained(tmp_path / "model")
+    dictionary = save_artifact(tiny_resae(), tmp_path / "dict", IDENTITY)
+    return ServerConfig(dictionary=dictionary, model=str(tmp_path / "model"))
+
+
+def test_the_default_kv_cache_follows_the_configuration(
+        sized: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    per_token = 2 * 4 * 1 * 4 * 4                       # layers, KV heads, head_dim, float32
+    plan = memory_plan(sized, gpu=False)                # 16 × the model's own 512 tokens
+    assert plan.kv_cache == default_kv_cache_bytes(per_token, 16, 512)
+    wider = with_overrides(sized, engine_max_num_seqs=64, engine_max_model_len=128)
+    assert memory_plan(wider, gpu=False).kv_cache == default_kv_cache_bytes(per_token, 64, 128)
+    monkeypatch.setenv(KV_ENV, "3")                     # vLLM's variable, whole GiB
+    assert memory_plan(sized, gpu=False).kv_cache == 3 * GIB
+    explicit = with_overrides(sized, engine_kv_cache_gib=0.5)  # the setting wins over both
+    assert memory_plan(explicit, gpu=False)[1:3] == (GIB // 2, "engine.kv_cache_gib")
+    assert memory_plan(sized, gpu=True).kv_cache is None   # GPU: gpu_memory_utilization
+    monkeypatch.setenv(KV_ENV, "two")
+    with pytest.raises(ServerConfigError, match="VLLM_CPU_KVCACHE_SPACE='two'"):
+        memory_plan(sized, gpu=False)
+
+
+def test_the_memory_check_refuses_what_does_not_fit(sized: ServerConfig) -> None:
+    plan = check_memory(sized, available=64 * GIB, gpu=False)
+    assert plan.total > RUNTIME_BYTES
+    too_many = with_overrides(sized, engine_max_num_seqs=10**6)
+    with pytest.raises(ServerConfigError) as info:
+        check_memory(too_many, available=8 * GIB, gpu=False)
+    message = str(info.value)
+    need = memory_plan(too_many, gpu=False).total
+    assert f"needs about {need / GIB:.2f} GiB" in message and "8.00 GiB is available" in message
+    assert "max_num_seqs 1000000 × max_model_len 512" in message
+    assert "lower --max-num-seqs or --max-model-len" in message
+    with pytest.raises(ServerConfigError, match=r"lower --kv-cache-gib"):
+        check_memory(with_overrides(sized, engine_kv_cache_gib=100), available=8 * GIB,
+                     gpu=False)
+    # a KV cache smaller than one full-length sequence: vLLM would refuse it after loading
+    with pytest.raises(ServerConfigError, match=r"holds \d+ tokens, fewer than one sequence of "
+                       r"engine.max_model_len=512; raise --kv-cache-gib to at least"):
+        check_memory(with_overrides(sized, engine_kv_cache_gib=1e-5), available=8 * GIB,
+                     gpu=False)
+    # on GPU vLLM checks GPU memory itself
+    assert check_memory(too_many, available=8 * GIB, gpu=True).kv_cache is None
+
+
+def test_serve_flags_for_memory_and_restarts() -> None:
+    import argparse
+
+    from resae_serve.cli.serve import add_parser, build_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    config = build_config(parser.parse_args(["serve", "d", "--kv-cache-gib", "1.5"]))
+    assert config.engine.kv_cache_gib == 1.5 and config.restart_engine
+    assert (config.restart_attempts, config.restart_backoff_s) == (5, 2.0)
+    config = build_config(parser.parse_args([
+        "serve", "d", "--no-restart-engine", "--restart-attempts", "2", "--restart-backoff",
+        "0.5", "--gpu-memory-utilization", "0.5"]))
+    assert not config.restart_engine and config.restart_attempts == 2
+    assert config.restart_backoff_s == 0.5 and config.engine.gpu_memory_utilization == 0.5

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, Coroutine, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -314,22 +315,124 @@ def test_cancelling_a_stream_aborts_the_engine_request(
 
 # ----------------------------------------------------------------------------- lifecycle
 
+def _wait_health(server: ResaeServer, status: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while _health(server) != status:                                  # the watchdog polls
+        assert time.monotonic() < deadline, f"health not {status} within {timeout} s"
+        time.sleep(0.05)
+
+
 def test_engine_death_ends_calls_unavailable_and_turns_health_off(
-        served: tuple[ResaeServer, FakeEngine]) -> None:
-    server, fake = served
-    fake.die_after = 1
-    with _client(server) as client:
-        stream = client.generate(PROMPT, max_tokens=4)
-        assert next(stream).WhichOneof("kind") == "prompt"
-        assert next(stream).WhichOneof("kind") == "chunk"
-        code, message = _code(lambda: list(stream))
-        assert code == grpc.StatusCode.UNAVAILABLE and "engine stopped" in message
+        loop: _Loop, config: ServerConfig) -> None:
+    fake = FakeEngine()
+    built: list[FakeEngine] = []
+
+    async def factory(_: ServerConfig) -> tuple[FakeEngine, bool]:
+        built.append(fake)
+        return fake, True
+
+    server = _start(loop, replace(config, restart_engine=False), factory)
+    try:
+        fake.die_after = 1
+        with _client(server) as client:
+            stream = client.generate(PROMPT, max_tokens=4)
+            assert next(stream).WhichOneof("kind") == "prompt"
+            assert next(stream).WhichOneof("kind") == "chunk"
+            code, message = _code(lambda: list(stream))
+            assert code == grpc.StatusCode.UNAVAILABLE and "engine stopped" in message
+            _wait_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+            code, message = _code(lambda: client.complete(PROMPT))
+        assert code == grpc.StatusCode.UNAVAILABLE and "engine is down" in message
+        assert "restarts are off" in message and len(built) == 1    # never rebuilt
+    finally:
+        loop.run(server.stop(0))
+
+
+def _restarts(server: ResaeServer, outcome: str) -> float:
+    value = server.metrics.registry.get_sample_value("resae_engine_restarts_total",
+                                                     {"outcome": outcome})
+    return value or 0.0
+
+
+def test_a_dead_engine_is_rebuilt_and_serves_again(loop: _Loop, config: ServerConfig) -> None:
+    engines: list[FakeEngine] = []
+    gate = threading.Event()
+
+    async def factory(_: ServerConfig) -> tuple[FakeEngine, bool]:
+        if engines:                             # a rebuild: wait until the test has looked
+            await asyncio.to_thread(gate.wait, 30)
+        engines.append(FakeEngine())
+        return engines[-1], True
+
+    server = _start(loop, replace(config, restart_backoff_s=0.0), factory)
+    try:
+        first = engines[0]
+        with _client(server) as client:
+            before = client.complete(PROMPT, max_tokens=3)
+            first.die_after = 1
+            stream = client.generate(PROMPT, max_tokens=4)
+            assert next(stream).WhichOneof("kind") == "prompt"
+            code, _ = _code(lambda: list(stream))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            _wait_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+            code, message = _code(lambda: client.complete(PROMPT))
+            assert code == grpc.StatusCode.UNAVAILABLE and "restarting, attempt 1 of 5" in message
+            assert first.shut_down                     # the dead one is shut down first
+            gate.set()
+            _wait_health(server, health_pb2.HealthCheckResponse.SERVING)
+            after = client.complete(PROMPT, max_tokens=3)
+        assert after.text == before.text and len(engines) == 2
+        assert server.engine is engines[1] and server.service.engine is engines[1]
+        assert server.restarts == 1 and _restarts(server, "ok") == 1
+        assert server.metrics.engine_up._value.get() == 1
+    finally:
+        gate.set()
+        loop.run(server.stop(0))
+    assert engines[1].shut_down
+
+
+def test_restarts_are_bounded_and_a_shared_engine_is_never_rebuilt(
+        loop: _Loop, config: ServerConfig) -> None:
+    calls: list[str] = []
+
+    async def failing(_: ServerConfig) -> tuple[FakeEngine, bool]:
+        calls.append("build")
+        if len(calls) > 1:
+            raise RuntimeError("no memory for the KV cache")
+        return fake, True
+
+    fake = FakeEngine()
+    server = _start(loop, replace(config, restart_attempts=2, restart_backoff_s=0.01), failing)
+    try:
+        fake.errored = True                            # dies while idle
         deadline = time.monotonic() + 10
-        while _health(server) != health_pb2.HealthCheckResponse.NOT_SERVING:   # watchdog
-            assert time.monotonic() < deadline, "health still SERVING"
-            time.sleep(0.1)
-        code, message = _code(lambda: client.complete(PROMPT))
-    assert code == grpc.StatusCode.UNAVAILABLE and "engine is down" in message
+        while _restarts(server, "failed") < 2:
+            assert time.monotonic() < deadline, "restart attempts not made"
+            time.sleep(0.05)
+        with _client(server) as client:
+            code, message = _code(lambda: client.complete(PROMPT))
+        assert code == grpc.StatusCode.UNAVAILABLE and "2 restart attempts failed" in message
+        assert _health(server) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert len(calls) == 3 and _restarts(server, "ok") == 0
+    finally:
+        loop.run(server.stop(0))
+
+    shared = FakeEngine()
+    borrowed_calls: list[str] = []
+
+    async def borrowed(_: ServerConfig) -> tuple[FakeEngine, bool]:
+        borrowed_calls.append("build")
+        return shared, False
+
+    guest = _start(loop, replace(config, restart_backoff_s=0.0), borrowed)
+    try:
+        shared.errored = True
+        _wait_health(guest, health_pb2.HealthCheckResponse.NOT_SERVING)
+        time.sleep(0.3)
+        assert borrowed_calls == ["build"] and not shared.shut_down
+    finally:
+        loop.run(guest.stop(0))
+    assert not shared.shut_down
 
 
 def test_loading_failing_and_stopping(loop: _Loop, config: ServerConfig) -> None:
