@@ -157,7 +157,7 @@ def train_part(run: Run) -> Section:
         optimizer = torch.optim.Adam(sae.parameters(), lr=sae.config.effective_lr())
         u = torch.randn(batch, d_in, device=run.device)  # (B, d_in)
         dead = torch.zeros(d_sae, dtype=torch.bool, device=run.device)
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
 
         def step() -> None:
             autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.cuda
@@ -169,14 +169,14 @@ def train_part(run: Run) -> Section:
             sae.remove_parallel_grad()
             optimizer.step()
             sae.normalize_decoder()
-            losses.append(out.metrics["loss"])
+            losses.append(out.loss.detach())       # no host sync per step
 
         seconds = median_seconds(step, run.device, warmup=3, repeats=10)
         flops = 6 * batch * d_in * (d_sae + K)
         tflops = flops / seconds / 1e12
         section.rows.append([str(d_in), str(d_sae), str(batch), compute, fmt(seconds * 1e3),
                              fmt(batch / seconds), fmt(tflops), fmt(100 * tflops / bf16)])
-        if not all(math.isfinite(x) for x in losses):
+        if not all(math.isfinite(float(x)) for x in losses):
             section.ok = False
             section.notes.append(f"Check failed: a non-finite loss at {d_in}→{d_sae}.")
         logger.info("train step %d→%d: %.3g ms", d_in, d_sae, seconds * 1e3)

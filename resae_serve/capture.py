@@ -26,8 +26,9 @@ from resae_serve.windows import iter_token_windows
 
 logger = logging.getLogger(__name__)
 
-CaptureDtype = Literal["float32", "bfloat16"]
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CaptureDtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 This is the only training module that knows about language models; it feeds the trainer
 plain tensors. Captured activations are cached as shards keyed by everything that determines
-them (model fingerprint, corpus, split, layers, window settings, seed), so a second run, the
-other mode, or a resumed run reads them from disk instead of running the model again.
+them (model fingerprint, corpus, split, layers, window settings, dtype, seed), so a second
+run, the other mode, or a resumed run reads them from disk instead of running the model again.
+Capture, calibration, training and evaluation all run on ``TrainConfig.device``; the cache
+is shared between devices (the device is not part of its key).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +23,21 @@ import torch
 from resae_serve.affine import AffineFit, AffineStats, ScaleStats, fit_affine
 from resae_serve.artifact import ModelIdentity, save_artifact
 from resae_serve.cache import atomic_folder, cache_dir
-from resae_serve.capture import CaptureConfig, capture_activations
+from resae_serve.capture import DTYPES, CaptureConfig, capture_activations
 from resae_serve.corpus import Split, load_documents
 from resae_serve.fingerprint import model_fingerprint
 from resae_serve.metrics import ReconstructionStats
 from resae_serve.models import load_model, resolve_model
 from resae_serve.resae import ReSAE
 from resae_serve.shards import INDEX_FILE, read_index, read_shards, write_shards
-from resae_serve.train import ReSAETrainer, TrainConfig, rebatch, resae_inputs
+from resae_serve.train import (
+    ReSAETrainer,
+    TrainConfig,
+    TrainError,
+    rebatch,
+    resae_inputs,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,21 +62,37 @@ class DataConfig:
     """Held-out tokens (the corpus' held-out split) for the final metrics."""
     shuffle_buffer: int = 65_536
     """Tokens mixed together when the training stream is captured."""
-    dtype: str = "float32"
-    """Storage dtype of cached activations."""
+    dtype: str = "auto"
+    """Dtype activations are captured, cached and fed to the device in: ``float32``,
+    ``bfloat16``, ``float16``, or ``auto`` (bfloat16 on CUDA, float32 on CPU). The SAEs
+    themselves train in float32 whatever it is."""
     outlier_norm_ratio: float | None = 10.0
     """Drop tokens with massive norms (see :class:`~resae_serve.capture.CaptureConfig`)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise TrainError(f"dtype={self.dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+
+
+def activation_dtype(dtype: str, device: torch.device) -> str:
+    """``dtype`` with ``auto`` resolved: bfloat16 on CUDA, float32 elsewhere."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def cached_activations(
     data: DataConfig, layers: tuple[int, ...], split: Split, n_tokens: int, *, seed: int,
-    shuffle: bool, progress: bool = True,
+    shuffle: bool, progress: bool = True, device: torch.device | str = "cpu",
 ) -> Path:
-    """Shard folder with at least ``n_tokens`` activations; captured once, then reused."""
+    """Shard folder with at least ``n_tokens`` activations; captured once (the model runs on
+    ``device``), then reused."""
+    device = torch.device(device)
+    dtype = activation_dtype(data.dtype, device)
     model_dir = resolve_model(data.model)
     key = {
         "model": model_fingerprint(model_dir), "corpus": str(data.corpus), "split": split,
-        "layers": list(layers), "context_size": data.context_size, "dtype": data.dtype,
+        "layers": list(layers), "context_size": data.context_size, "dtype": dtype,
         "shuffle_buffer": data.shuffle_buffer if shuffle else 0, "seed": seed,
         "outlier_norm_ratio": data.outlier_norm_ratio,
     }
@@ -76,10 +101,10 @@ def cached_activations(
     if (folder / INDEX_FILE).is_file() and read_index(folder)["n_tokens"] >= n_tokens:
         logger.info("reusing %s activations in %s", split, folder)
         return folder
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=str(device))
     config = CaptureConfig(
         layers=layers, context_size=data.context_size, batch_size=data.capture_batch_size,
-        dtype=data.dtype, max_tokens=n_tokens,  # type: ignore[arg-type]
+        dtype=dtype, max_tokens=n_tokens,  # type: ignore[arg-type]
         shuffle_buffer=data.shuffle_buffer if shuffle else 0, seed=seed, progress=progress,
         outlier_norm_ratio=data.outlier_norm_ratio,
     )
@@ -90,7 +115,8 @@ def cached_activations(
 
 
 def _acts(folder: Path) -> Iterator[torch.Tensor]:
-    return (batch.acts.float() for batch in read_shards(folder))
+    """The cached activations in their storage dtype (consumers cast on their device)."""
+    return (batch.acts for batch in read_shards(folder))
 
 
 @dataclass(frozen=True)
@@ -103,8 +129,10 @@ class Calibration:
     init_sample: torch.Tensor
 
 
-def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int) -> Calibration:
-    """Fit the affine chain and scales on the first ``n_tokens`` of ``stream``."""
+def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int, *,
+              device: torch.device | str = "cpu") -> Calibration:
+    """Fit the affine chain and scales on the first ``n_tokens`` of ``stream``, on ``device``
+    (statistics in float64 there)."""
     n_fit = int(n_tokens * 0.9)
     n_layers = len(config.layers)
     scale_stats = [ScaleStats() for _ in range(n_layers)]
@@ -115,11 +143,11 @@ def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int
     for acts in rebatch(stream, 4096):
         if seen >= n_tokens:
             break
-        acts = acts[: n_tokens - seen]
+        acts = acts[: n_tokens - seen].to(device).float()
         if not fit_stats:
             d = acts.shape[-1]
-            fit_stats = [AffineStats(d, d) for _ in range(n_layers)]
-            held_stats = [AffineStats(d, d) for _ in range(n_layers)]
+            fit_stats = [AffineStats(d, d, device) for _ in range(n_layers)]
+            held_stats = [AffineStats(d, d, device) for _ in range(n_layers)]
         if len(sample) < 2:
             sample.append(acts)
         fit_part, held_part = acts[: max(n_fit - seen, 0)], acts[max(n_fit - seen, 0):]
@@ -155,7 +183,9 @@ def evaluate_reconstruction(resae: ReSAE, stream: Iterator[torch.Tensor]) -> dic
     act_stats = [ReconstructionStats(sae.config.d_sae) for sae in resae.saes]
     input_stats = [ReconstructionStats(sae.config.d_sae) for sae in resae.saes]
     saes = [sae.inference_sae() for sae in resae.saes]
+    device = resae.scales.device
     for acts in rebatch(stream, 4096):
+        acts = acts.to(device).float()
         inputs = resae_inputs(resae, acts)
         dense = [sae.encode(u) for sae, u in zip(saes, inputs, strict=True)]
         recon = resae.decode(dict(zip(resae.layers, dense, strict=True)))
@@ -177,10 +207,12 @@ def train_dictionary(
     """Capture (or reuse), calibrate, train, evaluate and save; returns the summary."""
     from resae_serve.curves import plot_history
 
+    device = resolve_device(config.device)
+    data = replace(data, dtype=activation_dtype(data.dtype, device))
     total = data.calibration_tokens + config.tokens
     train_dir = cached_activations(data, config.layers, "train", total, seed=config.seed,
-                                   shuffle=True, progress=progress)
-    calibration = calibrate(config, _acts(train_dir), data.calibration_tokens)
+                                   shuffle=True, progress=progress, device=device)
+    calibration = calibrate(config, _acts(train_dir), data.calibration_tokens, device=device)
     checkpoint = out.with_name(out.name + CHECKPOINT_SUFFIX)
     d_model = calibration.init_sample.shape[-1]
     trainer = ReSAETrainer.create(config, d_model=d_model, scales=calibration.scales,
@@ -192,8 +224,10 @@ def train_dictionary(
     trainer.fit(batches, checkpoint=checkpoint, progress=progress)
 
     eval_dir = cached_activations(data, config.layers, "heldout", data.eval_tokens,
-                                  seed=config.seed, shuffle=False, progress=progress)
+                                  seed=config.seed, shuffle=False, progress=progress,
+                                  device=device)
     metrics = evaluate_reconstruction(trainer.resae, _acts(eval_dir))
+    resae = trainer.resae.cpu()
     model_dir = resolve_model(data.model)
     model_config = json.loads((model_dir / "config.json").read_text())
     identity = ModelIdentity(
@@ -203,10 +237,9 @@ def train_dictionary(
         d_model=d_model,
     )
     summary = {"train_config": asdict(config), "data_config": asdict(data),
-               "tokens_seen": trainer.tokens_seen, "steps": trainer.step,
-               "eval": {str(k): v for k, v in metrics.items()}}
-    save_artifact(trainer.resae, out, identity, affine_summary=calibration.fits,
-                  training=summary)
+               "device": str(device), "tokens_seen": trainer.tokens_seen,
+               "steps": trainer.step, "eval": {str(k): v for k, v in metrics.items()}}
+    save_artifact(resae, out, identity, affine_summary=calibration.fits, training=summary)
     (out / "training_history.json").write_text(json.dumps(trainer.history) + "\n")
     plot_history(trainer.history, config.layers, out / "training_curves.png",
                  title=f"{config.mode} · {config.architecture} k={config.k} · {data.model}")

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from resae_serve.artifact import MANIFEST, read_manifest
+from resae_serve.capture import DTYPES
 from resae_serve.cli.capture import parse_layers, replaced_folder
 from resae_serve.errors import ResaeError
 from resae_serve.models import resolve_model
 from resae_serve.pipeline import DataConfig, train_dictionary
 from resae_serve.resae import MODES
 from resae_serve.saes import ARCHITECTURES
-from resae_serve.train import TrainConfig, TrainError
+from resae_serve.train import TrainConfig, TrainError, resolve_device, settings_diff
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    "(default: 50000)")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens for metrics (default: 20000)")
     p.add_argument("--context-size", type=int, help="tokens per capture window (default: 256)")
+    p.add_argument("--device", help="where to capture and train: auto (default: cuda when "
+                   "available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype activations are captured, "
+                   "cached and fed in (default: bfloat16 on cuda, float32 on cpu); the SAEs "
+                   "train in float32")
     p.set_defaults(run=run)
 
 
@@ -101,14 +107,26 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
 
 
 def _existing_summary(out: Path, data: DataConfig, train: TrainConfig) -> dict[str, Any] | None:
-    """The training summary of a dictionary already in ``out`` with the same settings."""
+    """The training summary of a dictionary already in ``out`` with the same settings.
+
+    Where it was trained does not count (``device``, and ``dtype`` left at ``auto``): a
+    dictionary trained on a GPU is found done by the same command on a CPU host.
+    """
     if not (out / "manifest.json").is_file():
         return None
     summary: dict[str, Any] = read_manifest(out).training
     wanted = json.loads(json.dumps({"train_config": asdict(train), "data_config": asdict(data)}))
-    if {k: summary.get(k) for k in wanted} != wanted:
-        raise ResaeError(f"{out} holds a dictionary trained with other settings; choose "
-                         "another --out or pass --force to replace it")
+    diff = {}
+    for key, config_class in (("train_config", TrainConfig), ("data_config", DataConfig)):
+        stored = summary.get(key)
+        if not isinstance(stored, dict):
+            raise ResaeError(f"{out} holds a dictionary without a {key} in its manifest; "
+                             "choose another --out or pass --force to replace it")
+        diff.update(settings_diff(stored, wanted[key], config_class))
+    if diff:
+        changes = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(diff.items()))
+        raise ResaeError(f"{out} holds a dictionary trained with other settings ({changes}); "
+                         "choose another --out or pass --force to replace it")
     logger.info("%s already holds a dictionary with these settings (--force retrains)", out)
     return summary
 
@@ -132,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     data, train = build_configs(args)
     summary = None if args.force else _existing_summary(args.out, data, train)
     if summary is None:
+        resolve_device(train.device)  # refuse cuda without CUDA before anything is captured
         check_sae_settings(data, train)
         try:
             summary = train_dictionary(data, train, args.out, progress=not args.quiet)

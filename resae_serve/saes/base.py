@@ -40,9 +40,11 @@ class TrainStepOutput(NamedTuple):
     x_hat: Tensor
     """(N, d_in) reconstruction."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, Tensor]
     """``loss``, ``mse``, ``l0`` (mean active latents per token), plus ``aux`` (TopK and
-    BatchTopK; 0 when no latent is dead) or ``l1`` (ReLU): unweighted loss terms."""
+    BatchTopK; 0 when no latent is dead) or ``l1`` (ReLU): unweighted loss terms. Detached
+    0-dim tensors on the SAE's device, so that a step needs no device sync; ``float()`` them
+    when they are logged."""
 
     fired: Tensor
     """(d_sae,) bool: latents active on at least one token of this batch."""
@@ -152,20 +154,24 @@ class SAE(nn.Module, ABC):
 
     # ----------------------------------------------------------------------------- training
     @abstractmethod
-    def training_step(self, x: Tensor, dead_mask: Tensor | None = None) -> TrainStepOutput:
+    def training_step(self, x: Tensor, dead_mask: Tensor | None = None, *,
+                      n_dead: int | None = None) -> TrainStepOutput:
         """Loss, reconstruction, metrics and fired latents on one batch ``x`` (N, d_in).
 
-        ``dead_mask`` (d_sae,) bool marks latents the trainer counts as dead (for AuxK).
+        ``dead_mask`` (d_sae,) bool marks latents the trainer counts as dead (for AuxK);
+        ``n_dead``, its number of True entries when the caller knows it (saves a device sync).
         """
 
-    def auxk_term(self, pre: Tensor, error: Tensor, dead_mask: Tensor | None) -> Tensor:
+    def auxk_term(self, pre: Tensor, error: Tensor, dead_mask: Tensor | None, *,
+                  n_dead: int | None = None) -> Tensor:
         """AuxK loss: reconstruct ``error`` (N, d_in) from the top ``aux_k`` dead pre-acts.
 
         ``pre``: (N, d_sae) pre-activations. Zero (a scalar) when no latent is dead. Scaled by
         ``min(n_dead / aux_k, 1)`` as in sparsify so a few dead latents weigh little.
         """
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        if dead_mask is None or n_dead == 0:
+        if dead_mask is not None and n_dead is None:
+            n_dead = int(dead_mask.sum())
+        if dead_mask is None or n_dead == 0 or n_dead is None:
             return pre.new_zeros((), dtype=torch.float32)
         aux_k = self.config.effective_aux_k()
         scale = min(n_dead / aux_k, 1.0)
@@ -176,11 +182,11 @@ class SAE(nn.Module, ABC):
         return scale * auxk_loss(error.detach(), error_hat)
 
     @torch.no_grad()
-    def init_from_data(self, x_sample: Tensor) -> None:
+    def init_from_data(self, x_sample: Tensor, *, encoder_scale: float = 1.0) -> None:
         """Gao et al. initialisation from a sample of inputs (M, d_in).
 
         ``b_dec`` = geometric median of the sample; ``W_dec`` random unit rows (torch global
-        RNG); ``W_enc = W_dec.T``; ``b_enc = 0``.
+        RNG); ``W_enc = encoder_scale * W_dec.T``; ``b_enc = 0``.
         """
         if x_sample.ndim != 2 or x_sample.shape[1] != self.config.d_in or len(x_sample) == 0:
             raise ValueError(f"x_sample has shape {list(x_sample.shape)}, expected [M, "
@@ -188,7 +194,7 @@ class SAE(nn.Module, ABC):
         dtype, device = self.W_dec.dtype, self.W_dec.device
         self.b_dec.copy_(geometric_median(x_sample.to(device)).to(dtype))
         self.W_dec.copy_(random_unit_rows(*self.W_dec.shape, dtype=dtype, device=device))
-        self.W_enc.copy_(self.W_dec.T)
+        self.W_enc.copy_(self.W_dec.T * encoder_scale)
         self.b_enc.zero_()
 
     @torch.no_grad()

@@ -49,17 +49,18 @@ class BatchTopKSAE(SAE):
         """Training-time encoding: the ``k * N`` largest activations of the batch (N, d_sae)."""
         return self._batch_topk(self.pre_acts(x))
 
-    def training_step(self, x: Tensor, dead_mask: Tensor | None = None) -> TrainStepOutput:
+    def training_step(self, x: Tensor, dead_mask: Tensor | None = None, *,
+                      n_dead: int | None = None) -> TrainStepOutput:
         """See :meth:`SAE.training_step`; also updates ``threshold``."""
         pre = self.pre_acts(x)  # (N, d_sae)
         z = self._batch_topk(pre)  # (N, d_sae), k * N nonzeros at most
         self._update_threshold(z)
         x_hat = self.decode(z)  # (N, d_in)
         mse = mse_loss(x, x_hat)
-        aux = self.auxk_term(pre, x.to(x_hat.dtype) - x_hat, dead_mask)
+        aux = self.auxk_term(pre, x.to(x_hat.dtype) - x_hat, dead_mask, n_dead=n_dead)
         loss = mse + self.config.aux_coefficient * aux
-        metrics = {"loss": loss.item(), "mse": mse.item(), "aux": aux.item(),
-                   "l0": mean_l0(z).item(), "threshold": float(self.threshold[0])}
+        metrics = {"loss": loss.detach(), "mse": mse.detach(), "aux": aux.detach(),
+                   "l0": mean_l0(z), "threshold": self.threshold[0].detach().clone()}
         return TrainStepOutput(loss, x_hat, metrics, (z > 0).any(dim=0))
 
     def inference_sae(self) -> JumpReLUSAE:
@@ -76,11 +77,13 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def _update_threshold(self, z: Tensor) -> None:
-        positive = z[z > 0]
-        if positive.numel() == 0:
-            return
-        self.num_threshold_updates += 1
-        rate = max(1.0 / float(self.num_threshold_updates), THRESHOLD_EMA_RATE)
+        """Average the smallest kept activation into ``threshold``; no device sync."""
+        smallest = torch.where(z > 0, z, torch.inf).min().float()  # inf when none is kept
+        kept = smallest.isfinite()
+        self.num_threshold_updates += kept.to(self.num_threshold_updates.dtype)
+        # The rate in float64 then rounded, as a Python float scalar would be.
+        rate = (1.0 / self.num_threshold_updates.clamp_min(1).double()).clamp_min(
+            THRESHOLD_EMA_RATE)
         old = self.threshold.float()
-        new = (1 - rate) * old + rate * positive.min().float()
-        self.threshold.copy_(new.to(self.threshold.dtype))
+        new = (1 - rate).float() * old + rate.float() * smallest
+        self.threshold.copy_(torch.where(kept, new, old).to(self.threshold.dtype))

@@ -36,7 +36,8 @@ class JumpReLUSAE(SAE):
         """(N, d_sae) -> dense (N, d_sae), nonzero where ``pre > threshold``."""
         return jump_relu(pre, self.threshold)
 
-    def training_step(self, x: Tensor, dead_mask: Tensor | None = None) -> TrainStepOutput:
+    def training_step(self, x: Tensor, dead_mask: Tensor | None = None, *,
+                      n_dead: int | None = None) -> TrainStepOutput:
         """Not supported: JumpReLU is the inference form here."""
         raise NotImplementedError(
             "JumpReLU SAEs are inference-only in resae_serve; train architecture='batchtopk' "

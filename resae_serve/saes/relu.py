@@ -23,13 +23,14 @@ class ReLUSAE(SAE):
         """(N, d_sae) -> dense (N, d_sae) ReLU codes."""
         return pre.relu()
 
-    def training_step(self, x: Tensor, dead_mask: Tensor | None = None) -> TrainStepOutput:
-        """See :meth:`SAE.training_step`; ``dead_mask`` is ignored (no AuxK)."""
+    def training_step(self, x: Tensor, dead_mask: Tensor | None = None, *,
+                      n_dead: int | None = None) -> TrainStepOutput:
+        """See :meth:`SAE.training_step`; ``dead_mask`` and ``n_dead`` are ignored (no AuxK)."""
         z = self.encode(x)  # (N, d_sae)
         x_hat = self.decode(z)  # (N, d_in)
         mse = mse_loss(x, x_hat)
         l1 = l1_loss(z, self.W_dec)
         loss = mse + self.config.l1_coefficient * l1
-        metrics = {"loss": loss.item(), "mse": mse.item(), "l1": l1.item(),
-                   "l0": mean_l0(z).item()}
+        metrics = {"loss": loss.detach(), "mse": mse.detach(), "l1": l1.detach(),
+                   "l0": mean_l0(z)}
         return TrainStepOutput(loss, x_hat, metrics, (z > 0).any(dim=0))

@@ -146,8 +146,8 @@ def test_empty_corpus_is_a_clear_error(
 
 
 def test_bad_config_values() -> None:
-    with pytest.raises(CaptureError, match="dtype='float16'"):
-        CaptureConfig(layers=(1,), dtype="float16")  # type: ignore[arg-type]
+    with pytest.raises(CaptureError, match="dtype='int8'"):
+        CaptureConfig(layers=(1,), dtype="int8")  # type: ignore[arg-type]
     with pytest.raises(CaptureError, match="max_tokens=0"):
         CaptureConfig(layers=(1,), max_tokens=0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -22,6 +23,7 @@ from resae_serve.saes import (
     sae_class,
     sae_from_tensors,
 )
+from resae_serve.saes.sparse_ops import select_pre_acts, select_pre_acts_dense, sparse_decode
 
 D_IN, D_SAE, K = 16, 64, 4
 
@@ -58,7 +60,7 @@ def _train(sae: SAE, x: torch.Tensor, steps: int = 50) -> list[float]:
         sae.remove_parallel_grad()
         optimizer.step()
         sae.normalize_decoder()
-        losses.append(out.metrics["loss"])
+        losses.append(float(out.metrics["loss"]))
     return losses
 
 
@@ -137,6 +139,81 @@ def test_auxk_term_is_positive_with_dead_latents_and_zero_without() -> None:
     out = sae.training_step(x, dead)
     assert out.metrics["aux"] > 0.0
     assert out.loss.item() > out.metrics["mse"]
+
+
+def _fast_and_dense(dtype: torch.dtype, dead: torch.Tensor | None) -> tuple[
+    tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]
+]:
+    """Loss, x_hat, fired, metrics and parameter gradients of both TopK training paths."""
+    x = _sparse_data(128).to(dtype)
+    sae = TopKSAE(_config(aux_k=8), dtype=dtype)
+    sae.init_from_data(x)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)  # some tokens with fewer than k positive pre-activations
+    twin = copy.deepcopy(sae)
+    results = []
+    for model, out in ((sae, sae.training_step(x, dead)),
+                       (twin, twin.training_step_dense(x, dead))):
+        out.loss.backward()
+        results.append((out.loss.detach(), out.x_hat.detach(), out.fired,
+                        torch.stack(list(out.metrics.values())),
+                        *(p.grad for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec))))
+    return tuple(results[0]), tuple(results[1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 22])  # none, fewer than aux_k=8, more
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 2e-5)])
+def test_topk_sparse_training_step_matches_the_dense_oracle(
+    n_dead: int, dtype: torch.dtype, tol: float,
+) -> None:
+    """The sparse encoder backward (and AuxK through it) equals plain autograd through the
+    dense pre-activations: to 1e-12 in float64, 2e-5 (relative to each tensor's largest
+    entry) in float32, where only the summation order differs."""
+    dead = (torch.arange(D_SAE) % 3 == 0) & (torch.arange(D_SAE) < 3 * n_dead) if n_dead else None
+    fast, dense = _fast_and_dense(dtype, dead)
+    for name, a, b in zip(("loss", "x_hat", "fired", "metrics", "W_enc.grad", "b_enc.grad",
+                           "W_dec.grad", "b_dec.grad"), fast, dense, strict=True):
+        assert a is not None and b is not None, name
+        if a.dtype == torch.bool:
+            assert torch.equal(a, b), name
+            continue
+        scale = float(b.abs().max()) or 1.0
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * scale, msg=name)
+    if n_dead:
+        assert dead is not None and int(dead.sum()) == n_dead
+        assert float(fast[3][2]) > 0  # metrics["aux"]: AuxK ran
+
+
+def test_select_pre_acts_backward_passes_gradcheck() -> None:
+    g = torch.Generator().manual_seed(1)
+    x, W = torch.randn(6, D_IN, generator=g, dtype=torch.float64), torch.randn(
+        D_IN, D_SAE, generator=g, dtype=torch.float64)
+    b_enc, b_dec = torch.randn(D_SAE, dtype=torch.float64), torch.randn(D_IN, dtype=torch.float64)
+    indices = torch.randint(0, D_SAE, (6, 5), generator=g)
+
+    def selected(x: torch.Tensor, W: torch.Tensor, b_enc: torch.Tensor,
+                 b_dec: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            xc = x - b_dec
+            pre = xc @ W + b_enc
+        return select_pre_acts(x, W, b_enc, b_dec, indices, xc, pre)
+
+    inputs = tuple(t.requires_grad_() for t in (x, W, b_enc, b_dec))
+    assert torch.autograd.gradcheck(selected, inputs)
+    torch.testing.assert_close(selected(*inputs),
+                               select_pre_acts_dense(*inputs, indices), rtol=0, atol=1e-12)
+
+
+def test_sparse_decode_backward_passes_gradcheck_and_equals_decode_rows() -> None:
+    g = torch.Generator().manual_seed(2)
+    sae = TopKSAE(_config(), dtype=torch.float64)
+    indices = torch.randint(0, D_SAE, (6, 5), generator=g)
+    indices[0, 1] = indices[0, 0]  # a latent twice in one token (AuxK and TopK may overlap)
+    values = torch.rand(6, 5, generator=g, dtype=torch.float64).requires_grad_()
+    W_dec = sae.W_dec.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, W: sparse_decode(indices, v, W), (values, W_dec))
+    torch.testing.assert_close(sparse_decode(indices, values, sae.W_dec),
+                               sae.decode_rows(SparseCodes(indices, values)), rtol=0, atol=1e-12)
 
 
 def test_training_step_reports_fired_latents() -> None:
@@ -221,7 +298,7 @@ def test_relu_l1_term_is_present_and_loss_decreases() -> None:
     sae.init_from_data(x)
     out = sae.training_step(x[:64])
     assert out.metrics["l1"] > 0
-    torch.testing.assert_close(out.loss.item(), out.metrics["mse"] + out.metrics["l1"])
+    torch.testing.assert_close(out.loss.detach(), out.metrics["mse"] + out.metrics["l1"])
     losses = _train(sae, x)
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
 
