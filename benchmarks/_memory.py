@@ -46,10 +46,11 @@ def proc_tree_rss(pid: int) -> tuple[int, int]:
         current = todo.pop()
         todo += children.get(current, [])
         with contextlib.suppress(OSError, ValueError):
-            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+            status = Path(f"/proc/{current}/status").read_text()
+            n += 1                                   # a zombie has no VmRSS line: 0 bytes
+            for line in status.splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
-                    n += 1
     return total, n
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -73,8 +76,24 @@ def test_a_burst_past_max_pending_is_rejected_fast(loop: ServerLoop, dictionary:
 
 
 def test_proc_fallback_matches_psutil() -> None:
-    pytest.importorskip("psutil")
-    with_psutil, n_psutil = tree_rss(os.getpid())
-    from_proc, n_proc = proc_tree_rss(os.getpid())
-    assert n_proc == n_psutil >= 1
-    assert from_proc == pytest.approx(with_psutil, rel=0.05)
+    """On a tree of its own (parent, child, one zombie grandchild), so the suite's other
+    processes starting or ending between the two readings cannot change the count."""
+    psutil = pytest.importorskip("psutil")
+    script = ("import subprocess, sys, time\n"
+              "subprocess.Popen([sys.executable, '-c', 'pass'])\n"   # never waited: a zombie
+              "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        time.sleep(0.5)                                  # let the short child exit
+        with_psutil, n_psutil = tree_rss(parent.pid)
+        from_proc, n_proc = proc_tree_rss(parent.pid)
+        assert n_proc == n_psutil == 3
+        assert from_proc == pytest.approx(with_psutil, rel=0.05)
+    finally:
+        for proc in psutil.Process(parent.pid).children(recursive=True):
+            proc.kill()
+        parent.kill()
+        parent.wait()
