@@ -31,8 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="reconstruction, splicing, redundancy and propagation metrics, as a report",
         description="Evaluate DIR (and each --against dictionary on the same tokens): "
-        "held-out reconstruction per layer, CE under splicing of each layer alone and all "
-        "jointly (teacher-forced and online), decoder redundancy between layers, and the "
+        "held-out reconstruction per layer, CE under splicing of each layer alone (and, for a "
+        "ReSAE, rebuilt locally from the clean previous layer) and all jointly (teacher-forced, "
+        "teacher-forced additive and online), decoder redundancy between layers, and the "
         "linear-propagation check. Writes report.json, report.md and PNG plots into --out.",
     )
     p.add_argument("dictionary", type=Path, help="dictionary folder")
@@ -51,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="windows per forward pass (default: %(default)s)")
     p.add_argument("--modes", type=_modes, default=defaults.modes,
-                   help="joint splicing modes (default: teacher_forced,online)")
+                   help="joint splicing modes, comma-separated (default: "
+                   f"{','.join(SPLICE_MODES)})")
     p.add_argument("--propagation-features", type=int, default=defaults.propagation_features,
                    help="features per layer for the propagation check, 0 skips it "
                    "(default: %(default)s)")

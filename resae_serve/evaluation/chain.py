@@ -8,8 +8,10 @@ mode)::
     x̂_i = s_i · D_i(z_i)  [+ A_i x̂_{i−1} + c_i  in resae mode, i ≥ 1]
 
 ``x̂_{i−1}`` is the previous layer's reconstruction, so the chain carries upstream errors the
-way :meth:`ReSAE.decode` does. Dense codes are used, so JumpReLU and ReLU SAEs keep every
-active latent.
+way :meth:`ReSAE.decode` does. The *local* reconstruction ``A_i h_prev + c_i + σ_i D_i(z_i)``
+(:func:`local_reconstruction`) predicts from the true previous layer instead, so its error is
+the residual SAE's own. Dense codes are used, so JumpReLU and ReLU SAEs keep every active
+latent.
 """
 
 from __future__ import annotations
@@ -69,3 +71,17 @@ def teacher_forced(resae: ReSAE, acts: Sequence[torch.Tensor]) -> list[ChainStep
         prev = steps[-1].x_hat if steps else None
         steps.append(chain_step(resae, i, h, acts[i - 1] if i else None, prev))
     return steps
+
+
+def local_reconstruction(resae: ReSAE, i: int, step: ChainStep, h_prev: torch.Tensor | None,
+                         ) -> torch.Tensor:
+    """``A_i h_prev + c_i + σ_i D_i(z_i)``: layer ``i`` rebuilt from the *given* previous layer
+    (clean in teacher-forced use) rather than from its reconstruction; equals ``step.x_hat``
+    for a layerwise dictionary and for the first layer."""
+    if resae.mode != "resae" or i == 0:
+        return step.x_hat
+    if h_prev is None:
+        raise ValueError(f"the local reconstruction of layer {resae.layers[i]} needs the "
+                         f"activations of layer {resae.layers[i - 1]}")
+    scale = resae.scales[i].to(step.sae_output.dtype)
+    return resae.predict(i, h_prev) + scale * step.sae_output

@@ -102,3 +102,10 @@ def constant_at(keep: torch.Tensor, rows: torch.Tensor) -> BlockFn:
     def fn(hidden: torch.Tensor) -> torch.Tensor:
         return replace_at(hidden, keep, rows.expand(int(keep.sum()), hidden.shape[-1]))
     return fn
+
+
+def added_at(keep: torch.Tensor, rows: torch.Tensor) -> BlockFn:
+    """A hook that adds fixed ``rows (N, d)`` to the block output at the kept positions."""
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        return replace_at(hidden, keep, hidden[keep].float() + rows)
+    return fn

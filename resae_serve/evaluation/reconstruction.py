@@ -1,11 +1,13 @@
 """Per-layer reconstruction metrics on held-out activations (docs/ARCHITECTURE.md §2).
 
-For every dictionary layer: activation-space FVE (through the chain in resae mode), FVE of
-the SAE's own input, residual-space FVE, MSE, cosine, L0, dead and dense fractions and
-shrinkage ``‖x̂‖ / ‖x‖``. Residual space is ``r_m = h_m − A_m h_{m−1} − c_m``: a ReSAE
-reconstructs it as ``σ_m · D_m(z_m)``; a layerwise dictionary, given a ReSAE's affine maps
-(``affine_from``), as ``x̂_m − A_m h_{m−1} − c_m``, i.e. how much of what is new at layer m
-its reconstruction keeps. Sums are float64 and pooled, so batching does not change a number.
+For every dictionary layer: activation-space FVE (through the chain in resae mode); the local
+FVE of a ReSAE (``A_m h_{m−1} + c_m + σ_m D_m(z_m)`` from the true previous layer: the
+residual SAE's own error in activation units); FVE of the SAE's own input; residual-space
+FVE; MSE, cosine, L0, dead and dense fractions and shrinkage ``‖x̂‖ / ‖x‖``. Residual space
+is ``r_m = h_m − A_m h_{m−1} − c_m``: a ReSAE reconstructs it as ``σ_m · D_m(z_m)``; a
+layerwise dictionary, given a ReSAE's affine maps (``affine_from``), as
+``x̂_m − A_m h_{m−1} − c_m``, i.e. how much of what is new at layer m its reconstruction
+keeps. Sums are float64 and pooled, so batching does not change a number.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from resae_serve.evaluation.chain import inference_resae, teacher_forced
+from resae_serve.evaluation.chain import inference_resae, local_reconstruction, teacher_forced
 from resae_serve.metrics import ReconstructionStats
 from resae_serve.resae import ReSAE
 from resae_serve.train import rebatch
@@ -30,6 +32,8 @@ class LayerMetrics(NamedTuple):
     """Activation-space FVE, pooled (through the chain for a ReSAE)."""
     residual_fve: float | None
     """FVE of ``r_m = h_m − A_m h_{m−1} − c_m`` (None for the first layer or without maps)."""
+    local_fve: float | None
+    """Activation-space FVE of the local reconstruction (resae mode, not the first layer)."""
     input_fve: float
     """FVE of the SAE's own (normalised) input."""
     mse: float
@@ -85,6 +89,7 @@ def evaluate_layers(resae: ReSAE, stream: Iterable[torch.Tensor], *,
     act = [ReconstructionStats(sae.config.d_sae) for sae in resae.saes]
     inp = [ReconstructionStats(sae.config.d_sae) for sae in resae.saes]
     res = [ReconstructionStats(sae.config.d_sae) for sae in resae.saes]
+    loc = [ReconstructionStats(sae.config.d_sae) for sae in resae.saes]
     shrink = [0.0] * n_layers
     for batch in rebatch(stream, batch_size):
         batch = batch.float()
@@ -96,6 +101,8 @@ def evaluate_layers(resae: ReSAE, stream: Iterable[torch.Tensor], *,
             inp[i].update(step.sae_input, step.sae_output, active)
             norms = step.x_hat.norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)
             shrink[i] += float(norms.double().sum())
+            if resae.mode == "resae" and i > 0:
+                loc[i].update(h, local_reconstruction(resae, i, step, hs[i - 1]), active)
             if maps is not None and i > 0:
                 predicted = maps.predict(i, hs[i - 1])
                 r_hat = (resae.scales[i] * step.sae_output if resae.mode == "resae"
@@ -108,7 +115,8 @@ def evaluate_layers(resae: ReSAE, stream: Iterable[torch.Tensor], *,
         summary = act[i].summary()
         rows.append(LayerMetrics(
             layer=layer, fve=summary["fve"],
-            residual_fve=res[i].fve if res[i].n else None, input_fve=inp[i].fve,
+            residual_fve=res[i].fve if res[i].n else None,
+            local_fve=loc[i].fve if loc[i].n else None, input_fve=inp[i].fve,
             mse=summary["mse"], cosine=summary["cosine"], l0=summary["l0"],
             dead_fraction=summary["dead_fraction"], dense_fraction=summary["dense_fraction"],
             shrinkage=shrink[i] / act[i].n, n_tokens=act[i].n,

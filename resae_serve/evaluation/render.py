@@ -31,14 +31,17 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
         lines.append(f"| {name} | {d['mode']} | {d['layers']} | {d['architecture']} | {d['k']} "
                      f"| {d['d_sae'][0]} | {d['tokens_trained']} | {d['affine_maps_from']} |")
     lines += ["", "## Reconstruction (held-out)", "",
-              "FVE in activation space (through the chain for a ReSAE); residual space is "
-              "r = h − A h_prev − c.", ""]
-    rows = [[name, str(r["layer"]), _f(r["fve"]), _f(r["residual_fve"]), _f(r["input_fve"]),
+              "FVE in activation space (through the chain for a ReSAE); local FVE: a ReSAE "
+              "layer rebuilt from the true previous layer, A h_prev + c + σ D(z); residual "
+              "space is r = h − A h_prev − c.", ""]
+    rows = [[name, str(r["layer"]), _f(r["fve"]), _f(r.get("local_fve")),
+             _f(r["residual_fve"]), _f(r["input_fve"]),
              _f(r["mse"], ".4g"), _f(r["cosine"]), _f(r["l0"], ".1f"),
              _f(r["dead_fraction"], ".1%"), _f(r["dense_fraction"], ".1%"), _f(r["shrinkage"]),
              str(r["n_tokens"])]
             for name, d in dicts.items() for r in d["reconstruction"]]
-    lines += _table(["dictionary", "layer", "FVE", "residual FVE", "SAE-input FVE", "MSE",
+    lines += _table(["dictionary", "layer", "FVE", "local FVE", "residual FVE", "SAE-input FVE",
+                     "MSE",
                      "cosine", "L0", "dead", "dense", "‖x̂‖/‖x‖", "tokens"], rows)
     lines += ["## Splicing", "",
               "ΔCE = CE_spliced − CE_clean (nats/token); KL(p_clean ‖ p_spliced) per token; CE "
@@ -46,12 +49,17 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
               "Σ ΔCE_single. Teacher-forced joint replacement always equals replacing the last "
               "layer alone with the same x̂ (the blocks after it read only the stream it "
               "writes), so its interaction is −Σ of the earlier layers' ΔCE by construction; "
-              "online replacement is where layers compound. In a ReSAE a single layer's x̂ comes "
-              "through the chain, with the upstream layers' errors.", ""]
+              "teacher-forced additive keeps every encoder on the clean pass but adds each "
+              "layer's own error x̂ − h to the stream as it arrives, so all errors reach the "
+              "output; online replacement is where encoders read the spliced stream. In a "
+              "ReSAE a single layer's x̂ comes through the chain, with the upstream layers' "
+              "errors; 'local' rebuilds it from the clean previous layer instead.", ""]
     rows = []
     for name, d in dicts.items():
         s = d["splicing"]
         conditions = [(f"layer {layer} alone", r) for layer, r in s["single"].items()]
+        conditions += [(f"layer {layer} alone, local", r)
+                       for layer, r in s.get("local", {}).items()]
         conditions += [(f"joint, {mode.replace('_', '-')}", r) for mode, r in s["joint"].items()]
         for label, r in conditions:
             rows.append([name, label, _f(s["ce_clean"]), _f(r["ce"]), _f(r["delta_ce"]),

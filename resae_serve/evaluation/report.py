@@ -55,7 +55,7 @@ class EvalConfig:
     batch_size: int = 4
     """Windows per forward pass."""
     modes: tuple[str, ...] = SPLICE_MODES
-    """Joint splicing modes: teacher_forced, online."""
+    """Joint splicing modes (:data:`~resae_serve.evaluation.splice.SPLICE_MODES`)."""
     propagation_features: int = 8
     """Features sampled per layer for the linear-propagation check (0: skip it)."""
     propagation_windows: int = 2
@@ -144,6 +144,7 @@ def run_evaluation(folders: list[Path], config: EvalConfig, *, model: str | None
         entry["splicing"] = {
             "ce_clean": splice.ce_clean, "n_tokens": splice.n_tokens,
             "single": {str(layer): r._asdict() for layer, r in splice.single.items()},
+            "local": {str(layer): r._asdict() for layer, r in splice.local.items()},
             "sum_single_delta_ce": sum(r.delta_ce for r in splice.single.values()),
             "joint": {mode: r._asdict() for mode, r in splice.joint.items()},
             "interaction": splice.interaction,

@@ -4,10 +4,20 @@ Conditions, all scored on the same tokens (docs/ARCHITECTURE.md §1.6, §2):
 
 - **single layer m**: only ``h_m`` is replaced by ``x̂_m`` (chain reconstruction from clean
   encodings; the same in both modes, since nothing upstream changed);
-- **joint, teacher-forced**: every layer replaced by the reconstruction computed from the
-  clean pass;
-- **joint, online**: one patched pass; each encoder reads the stream as already changed by the
-  replacements upstream, and a residual layer's ``h_prev`` is the spliced value;
+- **single layer m, local** (resae mode, not the first layer): ``h_m`` replaced by
+  ``A_m h_{m−1,clean} + c_m + σ_m D_m(z_m)``, so the residual SAE's own error is measured
+  without the errors the chain carries down from the layers above;
+- **joint, teacher-forced** (``teacher_forced``): every layer replaced by the reconstruction
+  computed from the clean pass. This always equals replacing the last layer alone (the blocks
+  after it read only what it writes), kept because it is the literal reading;
+- **joint, teacher-forced additive** (``teacher_forced_additive``): every encoder reads the
+  clean pass (teacher forcing), and each layer *adds* its own error ``e_m = x̂_m − h_m`` (the
+  local reconstruction for a ReSAE, whose chained error would count the upstream errors twice:
+  once through ``A`` and once through the blocks) to the stream as it arrives, so every
+  layer's error reaches the output and errors compound through the blocks between them;
+- **joint, online** (``online``): one patched pass; each encoder reads the stream as already
+  changed by the replacements upstream, and a residual layer's ``h_prev`` is the spliced value
+  (chained and local coincide there);
 - **mean ablation** of the same layers (the baseline of CE recovered).
 
 Only kept positions are replaced (not BOS, not padding), and a next-token prediction is scored
@@ -31,15 +41,27 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from resae_serve.evaluation.chain import chain_step, inference_resae, teacher_forced
-from resae_serve.evaluation.hooks import BlockFn, constant_at, forward_logits, recorder, replace_at
+from resae_serve.evaluation.chain import (
+    chain_step,
+    inference_resae,
+    local_reconstruction,
+    teacher_forced,
+)
+from resae_serve.evaluation.hooks import (
+    BlockFn,
+    added_at,
+    constant_at,
+    forward_logits,
+    recorder,
+    replace_at,
+)
 from resae_serve.interventions import EditTable
 from resae_serve.resae import ReSAE
 from resae_serve.windows import TokenWindows
 
 logger = logging.getLogger(__name__)
 
-SpliceMode = Literal["teacher_forced", "online"]
+SpliceMode = Literal["teacher_forced", "teacher_forced_additive", "online"]
 SPLICE_MODES: tuple[str, ...] = get_args(SpliceMode)
 
 
@@ -66,11 +88,14 @@ class SpliceReport(NamedTuple):
     single: dict[int, CEResult]
     """Each layer replaced alone (teacher-forced and online coincide)."""
     joint: dict[str, CEResult]
-    """All layers replaced at once, per mode (``teacher_forced`` / ``online``)."""
+    """All layers replaced at once, per mode (:data:`SPLICE_MODES`)."""
     interaction: dict[str, float]
     """``ΔCE_joint − Σ ΔCE_single`` per mode."""
     n_tokens: int
     """Scored next-token predictions."""
+    local: dict[int, CEResult]
+    """Each residual layer replaced alone by its local reconstruction (resae mode; empty for
+    a layerwise dictionary, whose single splices are already local)."""
 
 
 class _OnlineChain:
@@ -212,13 +237,22 @@ def evaluate_splicing(
             run(("ablate", layers), {layer: constant_at(keep, means[layer].to(device))
                                      for layer in layers})
         for name, resae in dicts.items():
-            steps = teacher_forced(resae, [clean[layer][keep].float() for layer in resae.layers])
+            acts = [clean[layer][keep].float() for layer in resae.layers]
+            steps = teacher_forced(resae, acts)
             fixed = {layer: constant_at(keep, step.x_hat)
                      for layer, step in zip(resae.layers, steps, strict=True)}
-            for layer in resae.layers:
+            local = [local_reconstruction(resae, i, step, acts[i - 1] if i else None)
+                     for i, step in enumerate(steps)]
+            for i, layer in enumerate(resae.layers):
                 run((name, "single", layer), {layer: fixed[layer]})
+                if local[i] is not steps[i].x_hat:
+                    run((name, "local", layer), {layer: constant_at(keep, local[i])})
             if "teacher_forced" in modes:
                 run((name, "joint", "teacher_forced"), fixed)
+            if "teacher_forced_additive" in modes:
+                run((name, "joint", "teacher_forced_additive"),
+                    {layer: added_at(keep, x_hat - h)
+                     for layer, x_hat, h in zip(resae.layers, local, acts, strict=True)})
             if "online" in modes:
                 run((name, "joint", "online"), online_hooks(resae, keep, resae.layers))
     if sums.n == 0:
@@ -236,6 +270,8 @@ def _report(name: str, resae: ReSAE, modes: Collection[str], sums: _Sums) -> Spl
         return CEResult(ce, ce - ce_clean, sums.mean_kl(key), ce_ablate, recovered)
 
     single = {layer: result((name, "single", layer), (layer,)) for layer in resae.layers}
+    local = {layer: result((name, "local", layer), (layer,)) for layer in resae.layers
+             if (name, "local", layer) in sums.ce}
     joint = {mode: result((name, "joint", mode), resae.layers)
              for mode in SPLICE_MODES if mode in modes}
     total = sum(r.delta_ce for r in single.values())
@@ -243,4 +279,4 @@ def _report(name: str, resae: ReSAE, modes: Collection[str], sums: _Sums) -> Spl
     for mode, r in joint.items():
         logger.info("%s joint %s: dCE %.4f, KL %.4f, interaction %.4f", name, mode, r.delta_ce,
                     r.kl, interaction[mode])
-    return SpliceReport(ce_clean, single, joint, interaction, sums.n)
+    return SpliceReport(ce_clean, single, joint, interaction, sums.n, local)

@@ -48,7 +48,10 @@ def test_eval_writes_a_comparison_report(
     for name, entry in report["dictionaries"].items():
         assert [r["layer"] for r in entry["reconstruction"]] == list(LAYERS)
         assert entry["reconstruction"][0]["n_tokens"] == 300
-        assert set(entry["splicing"]["joint"]) == {"teacher_forced", "online"}
+        assert set(entry["splicing"]["joint"]) == {"teacher_forced", "teacher_forced_additive",
+                                                   "online"}
+        assert set(entry["splicing"]["local"]) == ({"3"} if name == "resae" else set())
+        assert (entry["reconstruction"][1]["local_fve"] is None) == (name == "layerwise")
         assert set(entry["splicing"]["single"]) == {"1", "3"}
         (red,) = entry["redundancy"]
         assert red["mapped>0.7"] is not None            # the layerwise one borrows A
@@ -82,7 +85,7 @@ def test_eval_of_a_perfect_dictionary_alone(
     assert entry["propagation"] == [] and entry["redundancy"][0]["mapped>0.7"] is None
     with pytest.raises(SystemExit):
         main(["-q", "eval", str(resae), "--out", str(out), "--modes", "sideways"])
-    assert "allowed: teacher_forced, online" in capsys.readouterr().err
+    assert "allowed: teacher_forced, teacher_forced_additive, online" in capsys.readouterr().err
     assert main(["-q", "eval", str(resae), "--out", str(out), "--splice-windows", "0"]) == 2
     assert "splice_windows=0" in capsys.readouterr().err
 

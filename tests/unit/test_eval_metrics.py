@@ -56,6 +56,16 @@ def test_matches_the_training_pipeline_evaluation() -> None:
                 assert getattr(row, key) == pytest.approx(ref[key], rel=1e-6, abs=1e-9), key
         if mode == "resae":   # residual FVE = SAE-input FVE (FVE is scale invariant)
             assert ours.layers[1].residual_fve == pytest.approx(ours.layers[1].input_fve)
+            # local FVE: the residual error σ(D(z) − u) against h's variance, by hand
+            h1, h3 = acts[:, 0], acts[:, 1]
+            u = resae.sae_input(1, h3, h1)
+            err = resae.scales[1] * (resae.saes[1].decode(resae.saes[1].encode(u)) - u)
+            total = (h3.double() - h3.double().mean(0)).pow(2).sum()
+            local = 1 - float(err.detach().double().pow(2).sum() / total)
+            assert ours.layers[1].local_fve == pytest.approx(local, rel=1e-5)
+            assert ours.layers[0].local_fve is None
+        else:
+            assert all(row.local_fve is None for row in ours.layers)
 
 
 def test_half_reconstruction_by_hand() -> None:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from resae_serve.capture import LayerCapture
-from resae_serve.evaluation.hooks import constant_at, forward_logits, hooked, recorder
+from resae_serve.evaluation.hooks import added_at, constant_at, forward_logits, hooked, recorder
 from resae_serve.evaluation.splice import error_preserving_hooks, evaluate_splicing, online_hooks
 from resae_serve.interventions import FeatureEdit, edit_table
 from tests.unit.test_eval_support import (
@@ -44,8 +44,8 @@ def test_perfect_reconstruction_changes_nothing(
     for report in reports.values():
         assert report.n_tokens == sum(int((w.keep[:, :-1] & w.attention_mask[:, 1:].bool())
                                           .sum()) for w in windows)
-        results = [*report.single.values(), *report.joint.values()]
-        assert len(results) == 4
+        results = [*report.single.values(), *report.local.values(), *report.joint.values()]
+        assert len(results) == 2 + 3 + len(report.local)
         for r in results:
             assert r.delta_ce == pytest.approx(0, abs=1e-4)
             assert r.kl == pytest.approx(0, abs=1e-5)
@@ -62,7 +62,9 @@ def test_mean_reconstruction_is_the_ablation_baseline(
     dicts = {"resae": constant_dictionary(means, "resae"),
              "layerwise": constant_dictionary(means, "layerwise")}
     for report in evaluate_splicing(tiny_llama, windows, dicts, means, progress=False).values():
-        for r in [*report.single.values(), *report.joint.values()]:
+        # (additive mode is not a replacement: it adds mean − h_clean to a perturbed stream)
+        replaced = [r for mode, r in report.joint.items() if mode != "teacher_forced_additive"]
+        for r in [*report.single.values(), *replaced]:
             assert r.ce == pytest.approx(r.ce_ablate, abs=1e-5)
             assert r.ce_recovered == pytest.approx(0, abs=1e-3)
             assert r.kl > 0
@@ -176,3 +178,49 @@ def test_error_preserving_splice(
     torch.testing.assert_close(seen[1][keep] - before[1][keep], expected.expand(n, D),
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(seen[1][~keep], before[1][~keep])
+
+
+def test_local_splice_and_additive_joint_by_hand(
+    tiny_llama: PreTrainedModel, tiny_tokenizer: PreTrainedTokenizerFast,
+) -> None:
+    """Local: layer 3 rebuilt as A h_1,clean + c + σ D(z_3), not through x̂_1. Additive: both
+    encoders read the clean pass, each layer adds its own (local) error to the stream as it
+    arrives, so layer 1's error reaches the output (unlike teacher-forced replacement)."""
+    windows = tiny_windows(tiny_tokenizer, n_windows=2, context_size=24)
+    win = windows[0]
+    resae = random_dictionary(LAYERS, "resae", seed=3)
+    ids, mask, keep = win.input_ids, win.attention_mask, win.keep
+    clean: dict[int, torch.Tensor] = {}
+    clean_logits = forward_logits(tiny_llama, ids, mask, {layer: recorder(clean, layer)
+                                                          for layer in LAYERS})
+    h1, h3 = clean[1][keep].float(), clean[3][keep].float()
+    z1 = resae.saes[0].encode(resae.sae_input(0, h1, None))
+    z3 = resae.saes[1].encode(resae.sae_input(1, h3, h1))
+    x1 = resae.scales[0] * resae.saes[0].decode(z1)
+    local3 = resae.predict(1, h1) + resae.scales[1] * resae.saes[1].decode(z3)
+    chained3 = resae.decode({1: z1, 3: z3})[3]
+    assert not torch.allclose(local3, chained3, atol=1e-4)   # the chain carries x̂_1's error
+
+    def ce(logits: torch.Tensor) -> float:
+        score = keep[:, :-1] & mask[:, 1:].bool()
+        lp = F.log_softmax(logits[:, :-1][score].float(), dim=-1)
+        return float(-lp.gather(1, ids[:, 1:][score][:, None]).mean())
+
+    report = evaluate_splicing(tiny_llama, [win], {"r": resae}, _means(tiny_llama, [win]),
+                               progress=False)["r"]
+    assert set(report.local) == {3}
+    manual_local = forward_logits(tiny_llama, ids, mask, {3: constant_at(keep, local3)})
+    assert report.local[3].ce == pytest.approx(ce(manual_local), abs=1e-5)
+    assert report.ce_clean == pytest.approx(ce(clean_logits), abs=1e-6)
+    manual_add = forward_logits(tiny_llama, ids, mask, {1: added_at(keep, x1 - h1),
+                                                        3: added_at(keep, local3 - h3)})
+    additive = report.joint["teacher_forced_additive"]
+    assert additive.ce == pytest.approx(ce(manual_add), abs=1e-5)
+    # not degenerate: differs from layer 3's local error alone, which teacher-forced is
+    alone = forward_logits(tiny_llama, ids, mask, {3: added_at(keep, local3 - h3)})
+    assert abs(additive.ce - ce(alone)) > 1e-4
+    assert report.joint["teacher_forced"].ce == pytest.approx(report.single[3].ce, abs=1e-6)
+    layerwise = evaluate_splicing(tiny_llama, [win], {"l": random_dictionary(LAYERS,
+                                  "layerwise", seed=3)}, _means(tiny_llama, [win]),
+                                  progress=False)["l"]
+    assert layerwise.local == {}
