@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from resae_serve.affine import AffineFit, AffineStats, ScaleStats, fit_affine
-from resae_serve.artifact import ModelIdentity, save_artifact
+from resae_serve.artifact import ModelIdentity, read_manifest, save_artifact
 from resae_serve.cache import atomic_folder, cache_dir
 from resae_serve.capture import DTYPES, CaptureConfig, capture_activations
 from resae_serve.corpus import Split, load_documents
+from resae_serve.errors import ResaeError
 from resae_serve.fingerprint import model_fingerprint
 from resae_serve.metrics import ReconstructionStats
 from resae_serve.models import load_model, resolve_model
@@ -37,6 +38,7 @@ from resae_serve.train import (
     rebatch,
     resae_inputs,
     resolve_device,
+    settings_diff,
 )
 
 logger = logging.getLogger(__name__)
@@ -245,3 +247,42 @@ def train_dictionary(
                  title=f"{config.mode} · {config.architecture} k={config.k} · {data.model}")
     checkpoint.unlink(missing_ok=True)
     return summary
+
+
+def existing_summary(out: Path, data: DataConfig, train: TrainConfig) -> dict[str, Any] | None:
+    """The training summary of a dictionary already in ``out`` with the same settings.
+
+    Where it was trained does not count (``device``, and ``dtype`` left at ``auto``): a
+    dictionary trained on a GPU is found done by the same command on a CPU host.
+    """
+    if not (out / "manifest.json").is_file():
+        return None
+    summary: dict[str, Any] = read_manifest(out).training
+    wanted = json.loads(json.dumps({"train_config": asdict(train), "data_config": asdict(data)}))
+    diff = {}
+    for key, config_class in (("train_config", TrainConfig), ("data_config", DataConfig)):
+        stored = summary.get(key)
+        if not isinstance(stored, dict):
+            raise ResaeError(f"{out} holds a dictionary without a {key} in its manifest; "
+                             "choose another --out or pass --force to replace it")
+        diff.update(settings_diff(stored, wanted[key], config_class))
+    if diff:
+        changes = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(diff.items()))
+        raise ResaeError(f"{out} holds a dictionary trained with other settings ({changes}); "
+                         "choose another --out or pass --force to replace it")
+    logger.info("%s already holds a dictionary with these settings (--force retrains)", out)
+    return summary
+
+
+def check_sae_settings(data: DataConfig, train: TrainConfig) -> None:
+    """Refuse SAE settings the model's width rules out (e.g. ``k`` above ``d_sae``, ``lr``
+    0) before anything is captured, rather than after capture and calibration."""
+    from transformers import AutoConfig
+
+    d_model = getattr(AutoConfig.from_pretrained(resolve_model(data.model)), "hidden_size", None)
+    if not isinstance(d_model, int):
+        return  # an unusual config: the trainer checks once activations give the width
+    try:
+        train.sae_config(d_model)
+    except ValueError as exc:  # SAEConfig states the field, value and what is allowed
+        raise TrainError(f"{exc} (d_model={d_model} for model {data.model})") from exc

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from resae_serve import __version__
 from resae_serve.errors import ResaeError
 
-SUBCOMMANDS = ("fetch", "capture", "train", "import_", "eval", "features", "export",
+SUBCOMMANDS = ("fetch", "capture", "train", "sweep", "import_", "eval", "features", "export",
                "export_saelens", "serve", "client")
 
 

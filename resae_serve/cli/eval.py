@@ -15,7 +15,8 @@ from resae_serve.evaluation.splice import SPLICE_MODES
 logger = logging.getLogger(__name__)
 
 
-def _modes(text: str) -> tuple[str, ...]:
+def parse_splice_modes(text: str) -> tuple[str, ...]:
+    """``--modes teacher_forced,online`` as a tuple, naming what is allowed on error."""
     modes = tuple(m.strip().replace("-", "_") for m in text.split(",") if m.strip())
     bad = [m for m in modes if m not in SPLICE_MODES]
     if bad or not modes:
@@ -51,7 +52,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="tokens per splicing window (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="windows per forward pass (default: %(default)s)")
-    p.add_argument("--modes", type=_modes, default=defaults.modes,
+    p.add_argument("--modes", type=parse_splice_modes, default=defaults.modes,
                    help="joint splicing modes, comma-separated (default: "
                    f"{','.join(SPLICE_MODES)})")
     p.add_argument("--propagation-features", type=int, default=defaults.propagation_features,

@@ -6,19 +6,23 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from resae_serve.artifact import MANIFEST, read_manifest
+from resae_serve.artifact import MANIFEST
 from resae_serve.capture import DTYPES
 from resae_serve.cli.capture import parse_layers, replaced_folder
 from resae_serve.errors import ResaeError
-from resae_serve.models import resolve_model
-from resae_serve.pipeline import DataConfig, train_dictionary
+from resae_serve.pipeline import (
+    DataConfig,
+    check_sae_settings,
+    existing_summary,
+    train_dictionary,
+)
 from resae_serve.resae import MODES
 from resae_serve.saes import ARCHITECTURES
-from resae_serve.train import TrainConfig, TrainError, resolve_device, settings_diff
+from resae_serve.train import TrainConfig, TrainError, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +41,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "TOML with TrainConfig / DataConfig field names) and are overridden by flags. An "
         "interrupted run resumes from OUT.checkpoint.pt when started again.",
     )
-    p.add_argument("--config", type=Path, help="JSON or TOML file of settings")
     p.add_argument("--out", type=replaced_folder(MANIFEST), required=True,
                    help="dictionary folder to write (replaced as a whole)")
     p.add_argument("--force", action="store_true",
                    help="retrain even if OUT already holds a dictionary with these settings")
+    add_settings_arguments(p)
+    p.add_argument("--mode", choices=MODES, help="resae (default) or layerwise")
+    p.add_argument("--k", type=int, help="active latents per token (default: 32)")
+    p.set_defaults(run=run)
+
+
+def add_settings_arguments(p: argparse.ArgumentParser) -> None:
+    """The training settings shared by ``resae train`` and ``resae sweep`` (all but mode and
+    k), each overriding ``--config``."""
+    p.add_argument("--config", type=Path, help="JSON or TOML file of settings")
     p.add_argument("--model", help="local Hugging Face folder or embedded name "
                    "(default: smollm2-135m)")
     p.add_argument("--corpus", help="named corpus or local path (default: brown)")
     p.add_argument("--layers", type=parse_layers, help="comma-separated block indices")
-    p.add_argument("--mode", choices=MODES, help="resae (default) or layerwise")
     p.add_argument("--arch", choices=[a for a in ARCHITECTURES if a != "jumprelu"],
                    help="SAE architecture (default: topk)")
-    p.add_argument("--k", type=int, help="active latents per token (default: 32)")
     p.add_argument("--expansion", type=int, help="d_sae = expansion x d_model (default: 8)")
     p.add_argument("--d-sae", type=int, help="latents per layer (overrides --expansion)")
     p.add_argument("--tokens", type=int, help="training tokens (default: 500000)")
@@ -65,7 +76,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="dtype activations are captured, "
                    "cached and fed in (default: bfloat16 on cuda, float32 on cpu); the SAEs "
                    "train in float32")
-    p.set_defaults(run=run)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
@@ -86,12 +96,14 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
-    """Merge the config file and flags into the two configs, naming unknown keys."""
+def build_configs(args: argparse.Namespace, not_settings: frozenset[str] = frozenset(),
+                  ) -> tuple[DataConfig, TrainConfig]:
+    """Merge the config file and flags into the two configs, naming unknown keys
+    (``not_settings``: a command's own flags that are not training settings)."""
     settings = _read_config_file(args.config) if args.config else {}
     for flag, value in vars(args).items():
         if value is not None and flag not in {"config", "out", "run", "command", "verbose",
-                                               "quiet", "force"}:
+                                               "quiet", "force", *not_settings}:
             settings[_RENAMES.get(flag, flag)] = value
     data_keys = {f.name for f in fields(DataConfig)}
     train_keys = {f.name for f in fields(TrainConfig)}
@@ -106,49 +118,10 @@ def build_configs(args: argparse.Namespace) -> tuple[DataConfig, TrainConfig]:
     return data, train
 
 
-def _existing_summary(out: Path, data: DataConfig, train: TrainConfig) -> dict[str, Any] | None:
-    """The training summary of a dictionary already in ``out`` with the same settings.
-
-    Where it was trained does not count (``device``, and ``dtype`` left at ``auto``): a
-    dictionary trained on a GPU is found done by the same command on a CPU host.
-    """
-    if not (out / "manifest.json").is_file():
-        return None
-    summary: dict[str, Any] = read_manifest(out).training
-    wanted = json.loads(json.dumps({"train_config": asdict(train), "data_config": asdict(data)}))
-    diff = {}
-    for key, config_class in (("train_config", TrainConfig), ("data_config", DataConfig)):
-        stored = summary.get(key)
-        if not isinstance(stored, dict):
-            raise ResaeError(f"{out} holds a dictionary without a {key} in its manifest; "
-                             "choose another --out or pass --force to replace it")
-        diff.update(settings_diff(stored, wanted[key], config_class))
-    if diff:
-        changes = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(diff.items()))
-        raise ResaeError(f"{out} holds a dictionary trained with other settings ({changes}); "
-                         "choose another --out or pass --force to replace it")
-    logger.info("%s already holds a dictionary with these settings (--force retrains)", out)
-    return summary
-
-
-def check_sae_settings(data: DataConfig, train: TrainConfig) -> None:
-    """Refuse SAE settings the model's width rules out (e.g. ``k`` above ``d_sae``, ``lr``
-    0) before anything is captured, rather than after capture and calibration."""
-    from transformers import AutoConfig
-
-    d_model = getattr(AutoConfig.from_pretrained(resolve_model(data.model)), "hidden_size", None)
-    if not isinstance(d_model, int):
-        return  # an unusual config: the trainer checks once activations give the width
-    try:
-        train.sae_config(d_model)
-    except ValueError as exc:  # SAEConfig states the field, value and what is allowed
-        raise TrainError(f"{exc} (d_model={d_model} for model {data.model})") from exc
-
-
 def run(args: argparse.Namespace) -> int:
     """Train (unless already done), then print the held-out metrics per layer."""
     data, train = build_configs(args)
-    summary = None if args.force else _existing_summary(args.out, data, train)
+    summary = None if args.force else existing_summary(args.out, data, train)
     if summary is None:
         resolve_device(train.device)  # refuse cuda without CUDA before anything is captured
         check_sae_settings(data, train)
