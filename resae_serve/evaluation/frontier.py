@@ -20,6 +20,9 @@ FRONTIER_JSON, FRONTIER_MD = "frontier.json", "report.md"
 DISCUSSION_MD = "discussion.md"
 """Hand-written conclusions kept in the report folder and included in ``report.md``."""
 
+RISING = 0.002
+"""Late FVE gain above which a run counts as still improving."""
+
 HALVED = 0.5
 """Ratio ReSAE / layerwise of joint ΔCE at or below which the claim "halves ΔCE" holds."""
 
@@ -27,8 +30,29 @@ _MODE_LABELS = {"teacher_forced": "teacher-forced", "teacher_forced_additive":
                 "teacher-forced additive", "online": "online"}
 
 
+LATE = 0.1
+"""Fraction of training whose batch FVE is compared with the fraction before it: a positive
+gain means the run was still improving when it stopped."""
+
+
+def _history(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "training_history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def late_gain(history: list[dict[str, Any]], layer: int) -> float | None:
+    """Mean batch FVE (SAE input) over the last :data:`LATE` of the records minus the mean over
+    the :data:`LATE` before them; None with too few records."""
+    values = [row[f"fve/{layer}"] for row in history if f"fve/{layer}" in row]
+    n = int(len(values) * LATE)
+    if n < 2:
+        return None
+    return sum(values[-n:]) / n - sum(values[-2 * n:-n]) / n
+
+
 def _run(name: str, entry: dict[str, Any], wall: dict[str, float]) -> dict[str, Any]:
     splicing = entry["splicing"]
+    history = _history(Path(entry["folder"]))
     layers = []
     for row in entry["reconstruction"]:
         key = str(row["layer"])
@@ -39,6 +63,7 @@ def _run(name: str, entry: dict[str, Any], wall: dict[str, float]) -> dict[str, 
             "dead_fraction": row["dead_fraction"], "dense_fraction": row["dense_fraction"],
             "single_delta_ce": single["delta_ce"], "single_kl": single["kl"],
             "local_delta_ce": None if local is None else local["delta_ce"],
+            "late_fve_gain": late_gain(history, row["layer"]),
         })
     joint = {mode: {"delta_ce": r["delta_ce"], "kl": r["kl"], "ce_recovered": r["ce_recovered"],
                     "interaction": splicing["interaction"][mode]}
@@ -48,7 +73,7 @@ def _run(name: str, entry: dict[str, Any], wall: dict[str, float]) -> dict[str, 
         "tokens_trained": entry["tokens_trained"], "train_wall_s": wall.get(name),
         "l0": sum(row["l0"] for row in layers) / len(layers),
         "fve": sum(row["fve"] for row in layers) / len(layers),
-        "layers": layers, "ce_clean": splicing["ce_clean"],
+        "layers": layers, "ce_clean": splicing["ce_clean"], "folder": entry["folder"],
         "sum_single_delta_ce": splicing["sum_single_delta_ce"], "joint": joint,
     }
 
@@ -122,6 +147,12 @@ def findings(table: dict[str, Any]) -> list[str]:
     if below:
         lines.append("- Layers where ReSAE's activation-space FVE is below layerwise: "
                      + "; ".join(below) + ".")
+    rising = [f"{run['name']} (layer {row['layer']}: +{row['late_fve_gain']:.3f})"
+              for run in table["runs"] for row in run["layers"]
+              if row["late_fve_gain"] is not None and row["late_fve_gain"] > RISING]
+    lines.append(f"- Still improving at the end of training (batch FVE of the last "
+                 f"{LATE:.0%} of steps above the {LATE:.0%} before by more than {RISING}): "
+                 + (", ".join(rising) if rising else "none") + ".")
     return lines
 
 
@@ -176,14 +207,17 @@ def render_frontier(table: dict[str, Any], plots: list[str], discussion: str | N
               "FVE in activation space (a ReSAE's through the chain); local FVE: a ReSAE layer "
               "rebuilt from the clean previous layer (A h_prev + c + σ D(z)); residual FVE in "
               "r = h − A h_prev − c (a layerwise run uses the ReSAE's maps of the same report). "
-              "ΔCE single: that layer alone replaced; local: by its local reconstruction.", ""]
+              "ΔCE single: that layer alone replaced; local: by its local reconstruction. Late "
+              f"FVE gain: batch FVE (SAE input) of the last {LATE:.0%} of training minus the "
+              f"{LATE:.0%} before (positive: still improving).", ""]
     rows = [[str(run["k"]), run["mode"], str(row["layer"]), _f(row["fve"]),
              _f(row["local_fve"]), _f(row["residual_fve"]), _f(row["l0"], ".1f"),
              _f(row["dead_fraction"], ".1%"), _f(row["dense_fraction"], ".1%"),
-             _f(row["single_delta_ce"]), _f(row["local_delta_ce"])]
+             _f(row["single_delta_ce"]), _f(row["local_delta_ce"]),
+             _f(row["late_fve_gain"], "+.4f")]
             for run in runs for row in run["layers"]]
     lines += _table(["k", "mode", "layer", "FVE", "local FVE", "residual FVE", "L0", "dead",
-                     "dense", "ΔCE single", "ΔCE local"], rows)
+                     "dense", "ΔCE single", "ΔCE local", "late FVE gain"], rows)
     if table.get("eval_wall_s") is not None:
         lines += [f"Evaluation of all runs: {table['eval_wall_s']:.0f} s.", ""]
     if plots:
@@ -270,6 +304,37 @@ def plot_ratio(table: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def plot_training(table: dict[str, Any], path: Path, window: int = 10) -> Path | None:
+    """Batch FVE (SAE input) against training tokens per layer, every run (moving average of
+    ``window`` records); None when no run has a history."""
+    histories = {run["name"]: (run, _history(Path(run["folder"]))) for run in table["runs"]}
+    if not any(h for _, h in histories.values()):
+        return None
+    plt = _pyplot()
+    layers = [row["layer"] for row in table["runs"][0]["layers"]]
+    ks = sorted({run["k"] for run in table["runs"]})
+    colors = plt.get_cmap("viridis")([i / max(len(ks) - 1, 1) for i in range(len(ks))])
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.6), squeeze=False)
+    for ax, layer in zip(axes[0], layers, strict=True):
+        for name, (run, history) in histories.items():
+            values = [row[f"fve/{layer}"] for row in history]
+            if not values:
+                continue
+            smooth = [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+                      for i in range(len(values))]
+            ax.plot([row["tokens"] for row in history], smooth, linewidth=1,
+                    color=colors[ks.index(run["k"])],
+                    linestyle="-" if run["mode"] == "resae" else "--", label=name)
+        ax.set(xlabel="training tokens", ylabel="batch FVE (SAE input)", title=f"layer {layer}")
+        ax.set_ylim(bottom=0, top=1)
+        ax.grid(alpha=0.3)
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_frontier(out: Path, table: dict[str, Any]) -> list[Path]:
     """Write ``frontier.json``, the plots and ``report.md`` (with ``discussion.md`` if the
     folder holds one) into ``out``; returns the paths."""
@@ -279,6 +344,9 @@ def write_frontier(out: Path, table: dict[str, Any]) -> list[Path]:
              plot_fve_l0(table, out / "fve_l0.png")]
     if table["ratios"]:
         plots.append(plot_ratio(table, out / "ratio_k.png"))
+    training = plot_training(table, out / "training_fve.png")
+    if training is not None:
+        plots.append(training)
     discussion_path = out / DISCUSSION_MD
     discussion = discussion_path.read_text() if discussion_path.is_file() else None
     (out / FRONTIER_MD).write_text(render_frontier(table, [p.name for p in plots], discussion))

@@ -9,7 +9,7 @@ import pytest
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from resae_serve.cli import main
-from resae_serve.evaluation.frontier import findings
+from resae_serve.evaluation.frontier import findings, late_gain
 from tests.unit.test_eval_support import save_tiny_setup
 
 
@@ -51,7 +51,7 @@ def test_tiny_sweep_trains_evaluates_reports_and_resumes(
     for text in ("## Findings", "## Joint replacement", "## Per layer", "ratio_k.png",
                  "joint_delta_ce_l0.png", "fve_l0.png", *findings(table)):
         assert text in markdown
-    for png in ("joint_delta_ce_l0.png", "fve_l0.png", "ratio_k.png"):
+    for png in ("joint_delta_ce_l0.png", "fve_l0.png", "ratio_k.png", "training_fve.png"):
         assert (report / png).stat().st_size > 5000
     assert (out / "eval" / "report.json").is_file()
 
@@ -84,3 +84,10 @@ def test_sweep_refuses_bad_grids(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "allowed: resae, layerwise" in capsys.readouterr().err
     assert main([*base, "--ks", "16,16"]) == 2
     assert "ks=[16, 16]" in capsys.readouterr().err
+
+
+def test_late_gain_compares_the_last_tenth_with_the_tenth_before() -> None:
+    history = [{"tokens": i, "fve/3": i / 100} for i in range(100)]
+    assert late_gain(history, 3) == pytest.approx(0.1)            # means 0.945 and 0.845
+    assert late_gain([{"fve/3": 0.5}] * 100, 3) == pytest.approx(0)
+    assert late_gain(history[:15], 3) is None                      # under 2 records a tenth
