@@ -44,7 +44,8 @@ demo: setup
 	@# Feature catalog (what each feature fires on; ~40 s) and ONNX graphs (~20 s), once.
 	test -f runs/demo-resae/features.json || $(BIN)/resae features runs/demo-resae --build --tokens 10000
 	test -f runs/demo-resae.onnx/export_manifest.json || $(BIN)/resae export runs/demo-resae --out runs/demo-resae.onnx
-	@# Serve it over gRPC, search, steer and monitor from the client SDK, stop with SIGTERM.
+	@# Serve it over gRPC (and the OpenAI-compatible HTTP API), search, steer and monitor from
+	@# the client SDK, the same steered completion over HTTP, stop with SIGTERM.
 	$(BIN)/python -m resae_serve.server.demo runs/demo-resae
 
 bench: setup

@@ -1,4 +1,6 @@
-"""Build, start and stop the gRPC server; ``serve()`` runs it until SIGTERM/SIGINT.
+"""Build, start and stop the gRPC server (and, with ``http_port``, the OpenAI-compatible HTTP
+API of :mod:`~resae_serve.server.http` on the same engine); ``serve()`` runs it until
+SIGTERM/SIGINT.
 
 ``create_server(config)`` checks the dictionary against the model, binds the port (0 picks a
 free one, so tests run side by side) and returns ``(server, port)`` without starting the
@@ -44,6 +46,7 @@ from resae_serve.server.config import (
     with_model_defaults,
 )
 from resae_serve.server.errors import ErrorInterceptor
+from resae_serve.server.http import HttpFrontend
 from resae_serve.server.metrics import ServerMetrics
 from resae_serve.server.service import ResaeService
 from resae_serve.server.tls import server_credentials
@@ -83,8 +86,11 @@ class ResaeServer:
 
     def __init__(self, config: ServerConfig, server: grpc.aio.Server, port: int,
                  service: ResaeService, health: HealthServicer, metrics: ServerMetrics,
-                 engine_factory: EngineFactory) -> None:
+                 engine_factory: EngineFactory, http: HttpFrontend | None = None,
+                 http_port: int | None = None) -> None:
         self.config, self.server, self.port = config, server, port
+        self.http, self.http_port = http, http_port
+        """The OpenAI-compatible HTTP API and its bound port (``config.http_port`` set)."""
         self.service, self.health, self.metrics = service, health, metrics
         self.engine_factory = engine_factory
         self.engine: ServingEngine | None = None
@@ -106,6 +112,10 @@ class ResaeServer:
         """Serve now (NOT_SERVING) and load the engine in the background."""
         await self._set_health(False)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
+            logger.info("OpenAI-compatible HTTP API on %s:%d (%s)", self.config.host,
+                        self.http_port, "TLS" if self.config.tls else "plaintext")
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.start_http(self.config.host,
                                                         self.config.metrics_port)
@@ -144,6 +154,8 @@ class ResaeServer:
         self.engine, self.owns_engine = engine, owned
         self.service.attach(engine)
         self.metrics.track_configs(lambda: engine.resident_configs)
+        if self.http is not None:                 # a new vLLM app for every engine
+            await self.http.attach(engine)
         await self._set_health(True)
 
     async def _watchdog(self) -> None:
@@ -156,6 +168,8 @@ class ResaeServer:
                 continue
             logger.error("the engine died; health is NOT_SERVING")
             self.service.fail("engine died")
+            if self.http is not None:
+                self.http.fail("engine died")
             await self._set_health(False)
             if not self.owns_engine:
                 logger.error("the engine is shared with another owner and is not rebuilt "
@@ -212,10 +226,13 @@ class ResaeServer:
         calls, resident steering configs, requests unfinished in the engine."""
         service, engine = self.service, self.engine
         # a shared engine also runs other servers' requests: only its owner counts them
-        return {"active_streams": service.active_streams, "pending": service.pending,
+        held = {"active_streams": service.active_streams, "pending": service.pending,
                 "resident_configs": service.engine.resident_configs if service.engine else 0,
                 "engine_unfinished": engine.num_unfinished()
                 if engine is not None and self.owns_engine else 0}
+        if self.http is not None:
+            held["http_streams"] = self.http.active
+        return held
 
     def wait_idle(self, timeout: float = 30.0) -> dict[str, int]:
         """Block until :meth:`held` is all 0 or ``timeout`` seconds pass; what the server still
@@ -236,8 +253,12 @@ class ResaeServer:
         await self.health.enter_graceful_shutdown()
         self.metrics.engine_up.set(0)
         logger.info("shutting down: %d stream(s) in flight, grace %.1f s",
-                    self.service.active_streams, grace)
-        await self.server.stop(grace)
+                    self.service.active_streams + (self.http.active if self.http else 0), grace)
+        if self.http is None:
+            await self.server.stop(grace)
+        else:
+            self.http.drain()
+            await asyncio.gather(self.server.stop(grace), self.http.stop(grace))
         for task in self._tasks:
             task.cancel()
         self.service.fail("the server stopped")
@@ -290,8 +311,10 @@ async def create_server(config: ServerConfig, *, engine_factory: EngineFactory =
     metrics = ServerMetrics()
     # The error interceptor is outermost, so it also counts calls that auth turns away.
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor(metrics)]
+    auth: BearerAuthInterceptor | None = None
     if config.auth or config.auth_token_file is not None:
-        interceptors.append(BearerAuthInterceptor(load_tokens(config.auth_token_file)))
+        auth = BearerAuthInterceptor(load_tokens(config.auth_token_file))
+        interceptors.append(auth)
     size = config.max_message_bytes
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
@@ -314,7 +337,12 @@ async def create_server(config: ServerConfig, *, engine_factory: EngineFactory =
     if port == 0:
         raise OSError(f"could not bind {address}; is the port in use? choose another with "
                       "--port")
-    return ResaeServer(config, server, port, service, health, metrics, engine_factory), port
+    http, http_port = None, None
+    if config.http_port is not None:
+        http = HttpFrontend(config, service, metrics, auth)
+        http_port = http.bind(config.host, config.http_port)
+    return ResaeServer(config, server, port, service, health, metrics, engine_factory, http,
+                       http_port), port
 
 
 async def serve(config: ServerConfig) -> None:

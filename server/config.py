@@ -130,6 +130,9 @@ class ServerConfig:
     """gRPC port; 0 picks a free one."""
     metrics_port: int | None = 9400
     """Prometheus ``/metrics`` HTTP port; None disables it, 0 picks a free one."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API (vLLM's app on the same engine, with the same
+    auth, TLS and limits); None disables it, 0 picks a free one."""
     limits: Limits = field(default_factory=Limits)
     engine: EngineSettings = field(default_factory=EngineSettings)
     auth_token_file: Path | None = None
@@ -154,7 +157,7 @@ class ServerConfig:
     ``MAX_BACKOFF_S``)."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ServerConfigError(f"{name}={value}; allowed 0..65535")

@@ -9,8 +9,11 @@ the engine's (:meth:`SteeringSpec.validate`), also ``INVALID_ARGUMENT``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
+
+from google.protobuf import json_format
 
 from resae_serve.engine.serving import GenerationChunk, MonitorEvent, TokenFeatures
 from resae_serve.engine.spec import (
@@ -198,6 +201,47 @@ def monitor_spec(message: pb.MonitorRequest, limits: Limits, *, raw: bool = Fals
         for i, t in enumerate(message.thresholds))
     return MonitorSpec(tuple(message.layers), message.top_k, tuple(message.watch), raw,
                        thresholds)
+
+
+_ENUM_TYPE = re.compile(r"for enum type resae\.v1\.(\w+)")
+
+
+def resae_options(data: Any, limits: Limits
+                  ) -> tuple[list[SteerEdit | SteerVector], MonitorSpec | None]:
+    """The ``resae`` field of an OpenAI-compatible request (the protobuf JSON mapping of
+    :class:`pb.ResaeOptions`: ``GenerateRequest``'s interventions and monitor), checked as
+    :func:`interventions` and :func:`monitor_spec` check gRPC requests, with the same
+    messages."""
+    if not isinstance(data, dict):
+        raise RequestError(f"resae={json_type(data)}; must be an object with the fields "
+                           "interventions and monitor")
+    try:
+        options = json_format.ParseDict(data, pb.ResaeOptions())
+    except json_format.ParseError as exc:
+        message = str(exc).replace("\n", " ")
+        enum = _ENUM_TYPE.search(message)
+        if enum is not None and enum.group(1) in pb.DESCRIPTOR.enum_types_by_name:
+            names = pb.DESCRIPTOR.enum_types_by_name[enum.group(1)].values_by_name
+            message += f" Allowed: {', '.join(names)}"
+        raise RequestError(f"resae: {message}") from exc
+    edits = interventions(options.interventions, limits)
+    monitor = monitor_spec(options.monitor, limits) if options.HasField("monitor") else None
+    return edits, monitor
+
+
+def json_type(value: Any) -> str:
+    """A short description of a JSON value for error messages (type, not the content)."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def features_json(features: Sequence[TokenFeatures], events: Sequence[MonitorEvent]
+                  ) -> dict[str, Any]:
+    """Features and events as the ``resae`` field of an OpenAI-compatible response: the
+    protobuf JSON mapping of :class:`pb.ResaeFeatures` (empty lists and zeros kept)."""
+    message = pb.ResaeFeatures(features=feature_messages(features),
+                               events=event_messages(events))
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -8,6 +8,8 @@ for the gRPC health service to report SERVING, then from the client SDK:
    on it (the largest mean code among the top hits);
 3. completes the same prompt greedily without and with that feature added (side by side);
 4. shows the features monitored on every token of the steered completion;
+5. asks the OpenAI-compatible HTTP API (``--http-port``) for the same steered completion, with
+   steering in the body field ``resae`` (the JSON form of the gRPC messages);
 
 and finally stops the server with SIGTERM (graceful drain) and checks it exited cleanly.
 """
@@ -15,6 +17,7 @@ and finally stops the server with SIGTERM (graceful drain) and checks it exited 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -23,7 +26,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+
+from google.protobuf import json_format
 
 from resae_serve.cli.render_client import (
     completion_table,
@@ -33,6 +39,7 @@ from resae_serve.cli.render_client import (
 )
 from resae_serve.server.client import ResaeClient, add, monitor
 from resae_serve.server.healthcheck import check_health
+from resae_serve.server.v1 import resae_pb2 as pb
 
 logger = logging.getLogger("resae_serve.demo")
 SEARCH_TEXT = "She married him at the church wedding, and the bride wore white."
@@ -69,8 +76,10 @@ def _section(title: str) -> None:
     sys.stdout.write(f"\n=== {title} ===\n")
 
 
-def run_demo(client: ResaeClient, *, width: int, steer_value: float, max_tokens: int) -> None:
-    """The client half of the demo (needs a SERVING server with a feature catalog)."""
+def run_demo(client: ResaeClient, *, width: int, steer_value: float, max_tokens: int,
+             http_port: int | None = None, model: str = "smollm2-135m") -> None:
+    """The client half of the demo (needs a SERVING server with a feature catalog; with
+    ``http_port``, its OpenAI-compatible HTTP API too)."""
     _section("served dictionary (GetDictionary)")
     sys.stdout.write(dictionary_text(client.get_dictionary()) + "\n")
 
@@ -99,6 +108,22 @@ def run_demo(client: ResaeClient, *, width: int, steer_value: float, max_tokens:
     watched = client.complete(PROMPT, max_tokens=8, temperature=0.0, interventions=steer,
                               monitor=monitor([chosen.layer], top_k=3, watch=[chosen.feature]))
     sys.stdout.write(completion_table(watched, watch=[chosen.feature]) + "\n")
+    if http_port is None:
+        return
+
+    _section("the same steered completion over HTTP (POST /v1/completions, OpenAI format)")
+    resae = json_format.MessageToDict(pb.ResaeOptions(interventions=steer))
+    body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.0,
+            "resae": resae}
+    sys.stdout.write(f"body: {json.dumps(body)}\n")
+    request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        text = json.loads(reply.read())["choices"][0]["text"]
+    sys.stdout.write(f"text: {text!r}\n")
+    sys.stdout.write("(the same as the gRPC steered completion)\n" if text == steered.text
+                     else "(differs from the gRPC one: vLLM tokenized the prompt itself)\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,10 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     port = args.port or _free_port()
+    http_port = _free_port()
     target = f"127.0.0.1:{port}"
     log = args.dictionary.with_name(args.dictionary.name + ".server.log")
     command = [sys.executable, "-m", "resae_serve", "serve", str(args.dictionary),
                "--model", args.model, "--port", str(port), "--metrics-port", "-1",
+               "--http-port", str(http_port),
                "--max-num-seqs", "8", "--grace", "10"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     logger.info("starting: %s (log: %s)", " ".join(command), log)
@@ -127,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         width = min(shutil.get_terminal_size((100, 24)).columns, 120)
         with ResaeClient(target, timeout=300) as client:
             run_demo(client, width=width, steer_value=args.steer_value,
-                     max_tokens=args.max_tokens)
+                     max_tokens=args.max_tokens, http_port=http_port, model=args.model)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -1,9 +1,11 @@
-"""Prometheus metrics of one gRPC server instance.
+"""Prometheus metrics of one server instance (its gRPC and HTTP APIs).
 
-Every :class:`ServerMetrics` owns its own ``CollectorRegistry``, so several servers (tests
-start many in one process) never clash over metric names, and ``/metrics`` of one server shows
-only its own series. The token rate is computed when scraped, over a sliding window of
-token timestamps, so it falls to zero when generation stops rather than freezing.
+Request, token, stream and time-to-first-token series carry a ``protocol`` label (``grpc``
+or ``http``; both series exist from the start, at 0). Every :class:`ServerMetrics` owns its
+own ``CollectorRegistry``, so several servers (tests start many in one process) never clash
+over metric names, and ``/metrics`` of one server shows only its own series. The token rate
+is computed when scraped, over a sliding window of token timestamps, so it falls to zero when
+generation stops rather than freezing.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MONITOR_LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
 TIME_TO_FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PROTOCOLS = ("grpc", "http")
 
 
 class MetricsConfigError(ResaeError):
@@ -54,18 +57,20 @@ class ServerMetrics:
         self._http: tuple[WSGIServer, threading.Thread] | None = None
 
         self.requests = Counter(
-            "resae_requests", "Finished RPCs by method and status code.",
-            labelnames=("rpc", "code"), registry=self.registry)
+            "resae_requests", "Finished calls by protocol, method (RPC or HTTP path) and status "
+            "code (gRPC code name or HTTP status).",
+            labelnames=("rpc", "code", "protocol"), registry=self.registry)
         self.generated_tokens = Counter(
-            "resae_generated_tokens", "Tokens generated over all requests.",
-            registry=self.registry)
+            "resae_generated_tokens", "Tokens generated over all requests, by protocol.",
+            labelnames=("protocol",), registry=self.registry)
         self.tokens_per_second = Gauge(
             "resae_generated_tokens_per_second",
             f"Tokens generated per second over the last {window_s:g} s.",
             registry=self.registry)
         self.tokens_per_second.set_function(self._token_rate)
         self.active_streams = Gauge(
-            "resae_active_streams", "Streaming RPCs in progress.", registry=self.registry)
+            "resae_active_streams", "Generation calls in progress, by protocol.",
+            labelnames=("protocol",), registry=self.registry)
         self.steering_configs = Gauge(
             "resae_steering_configs_in_use", "Distinct steering configs resident in the engine.",
             registry=self.registry)
@@ -76,8 +81,9 @@ class ServerMetrics:
             buckets=MONITOR_LAG_BUCKETS, registry=self.registry)
         self.time_to_first_token = Histogram(
             "resae_time_to_first_token_seconds",
-            "Seconds from receiving a generation request to sending its first token.",
-            buckets=TIME_TO_FIRST_TOKEN_BUCKETS, registry=self.registry)
+            "Seconds from receiving a generation request to its first token, by protocol.",
+            labelnames=("protocol",), buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
+            registry=self.registry)
         self.engine_up = Gauge(
             "resae_engine_up", "1 while the engine is ready to serve, else 0.",
             registry=self.registry)
@@ -85,18 +91,29 @@ class ServerMetrics:
             "resae_engine_restarts",
             "Engine rebuild attempts after the engine died, by outcome (ok, failed).",
             labelnames=("outcome",), registry=self.registry)
+        for protocol in PROTOCOLS:             # every series exists, at 0, from the start
+            self.generated_tokens.labels(protocol=protocol)
+            self.active_streams.labels(protocol=protocol)
+            self.time_to_first_token.labels(protocol=protocol)
 
-    def record_request(self, rpc: str, code: grpc.StatusCode) -> None:
-        """Count one finished call of ``rpc`` (e.g. ``"Generate"``) ending with ``code``."""
-        self.requests.labels(rpc=rpc, code=code.name).inc()
+    def record_request(self, rpc: str, code: grpc.StatusCode | str,
+                       protocol: str = "grpc") -> None:
+        """Count one finished call of ``rpc`` (e.g. ``"Generate"``, ``"/v1/completions"``)
+        ending with ``code`` (a gRPC status, or an HTTP status as text)."""
+        name = code if isinstance(code, str) else code.name
+        self.requests.labels(rpc=rpc, code=name, protocol=protocol).inc()
 
-    def add_tokens(self, n: int) -> None:
+    def observe_first_token(self, seconds: float, protocol: str = "grpc") -> None:
+        """Record the time from a request's arrival to its first token."""
+        self.time_to_first_token.labels(protocol=protocol).observe(seconds)
+
+    def add_tokens(self, n: int, protocol: str = "grpc") -> None:
         """Count ``n`` newly generated tokens (total and sliding-window rate)."""
         if n < 0:
             raise ValueError(f"n={n}: a token count cannot be negative")
         if n == 0:
             return
-        self.generated_tokens.inc(n)
+        self.generated_tokens.labels(protocol=protocol).inc(n)
         now = time.monotonic()
         with self._lock:
             self._token_times.append((now, n))
@@ -107,13 +124,14 @@ class ServerMetrics:
         self.steering_configs.set_function(fn)
 
     @contextmanager
-    def stream(self) -> Iterator[None]:
-        """Count a streaming call as active for the duration of the ``with`` block."""
-        self.active_streams.inc()
+    def stream(self, protocol: str = "grpc") -> Iterator[None]:
+        """Count a generation call as active for the duration of the ``with`` block."""
+        gauge = self.active_streams.labels(protocol=protocol)
+        gauge.inc()
         try:
             yield
         finally:
-            self.active_streams.dec()
+            gauge.dec()
 
     def _prune(self, now: float) -> None:
         """Drop token timestamps older than the window; call with the lock held."""

@@ -88,8 +88,14 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the engine is still loading; retry "
                            "when grpc.health.v1 reports SERVING")
 
+    def check_engine(self) -> ServingEngine:
+        """The engine, or :class:`ServiceError` UNAVAILABLE saying why there is none."""
+        return self._engine()
+
     @contextmanager
-    def _admit(self) -> Iterator[None]:
+    def admit(self) -> Iterator[None]:
+        """Count a call as admitted (gRPC and HTTP share the bound); beyond
+        ``limits.max_pending`` :class:`ServiceError` RESOURCE_EXHAUSTED."""
         if self.pending >= self.limits.max_pending:
             raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{self.pending} requests in flight, the limit is "
@@ -136,7 +142,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         received = time.perf_counter()
         self._engine()
-        with self._admit():
+        with self.admit():
             sampling = convert.sampling_spec(request.sampling, self.limits)
             ids = self._prompt(request.input, sampling.max_tokens)
             interventions = convert.interventions(request.interventions, self.limits)
@@ -144,7 +150,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                        if request.HasField("monitor") else None)
             stream = self._run(ids, sampling, interventions, monitor)
             self.active_streams += 1
-            self.metrics.active_streams.inc()
+            self.metrics.active_streams.labels(protocol="grpc").inc()
             n_out, first_token_at, last_token_at, text = 0, None, received, []
             n_first = 0                         # tokens that came with the first token chunk
             finish_reason = ""
@@ -160,7 +166,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                     if chunk.token_ids:
                         if first_token_at is None:
                             first_token_at, n_first = now, len(chunk.token_ids)
-                            self.metrics.time_to_first_token.observe(now - received)
+                            self.metrics.observe_first_token(now - received)
                         last_token_at = now
                         self.metrics.add_tokens(len(chunk.token_ids))
                     message = convert.chunk_message(chunk, len(ids) + n_out, self.tokenizer)
@@ -179,7 +185,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                     chunk = None if chunk.finished else await anext(stream, None)
             finally:
                 self.active_streams -= 1
-                self.metrics.active_streams.dec()
+                self.metrics.active_streams.labels(protocol="grpc").dec()
                 await stream.aclose()
             first_token_at = first_token_at or last_token_at
             decode = last_token_at - first_token_at
@@ -194,7 +200,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
     async def Inspect(self, request: pb.InspectRequest,
                       context: grpc.aio.ServicerContext) -> pb.InspectResponse:
         self._engine()
-        with self._admit():
+        with self.admit():
             ids = self._prompt(request.input, 1)
             monitor = convert.monitor_spec(request.monitor, self.limits, require_layers=True)
             interventions = convert.interventions(request.interventions, self.limits,
@@ -270,7 +276,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                 raise RequestError(f"layers: layer={layer} is not in the catalog; its layers "
                                    f"are {list(catalog.layers)}")
         self._engine()
-        with self._admit():
+        with self.admit():
             ids = text_token_ids(self.tokenizer, request.text)
             if len(ids) > self.limits.max_prompt_tokens:
                 raise RequestError(f"text has {len(ids)} tokens; at most "

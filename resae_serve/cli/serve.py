@@ -25,7 +25,8 @@ from resae_serve.server.config import (
 
 logger = logging.getLogger(__name__)
 
-HELP = "serve steering and monitoring over gRPC (vLLM engine + dictionary)"
+HELP = ("serve steering and monitoring over gRPC and optionally an OpenAI-compatible HTTP "
+        "API (vLLM engine + dictionary)")
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,6 +40,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free)")
     p.add_argument("--metrics-port", type=int,
                    help="Prometheus /metrics port (default 9400; -1 = off)")
+    p.add_argument("--http-port", type=int,
+                   help="also serve the OpenAI-compatible HTTP API (vLLM's /v1/completions, "
+                        "/v1/chat/completions, /v1/models) on this port (default off; 0 = any "
+                        "free; -1 = off)")
     p.add_argument("--auth-token-file", type=Path,
                    help="bearer tokens, one per line (also RESAE_AUTH_TOKENS with --auth)")
     p.add_argument("--auth", action="store_true", default=None,
@@ -94,10 +99,11 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
     config = config_from_mapping(data, str(args.config or "flags"))
     overrides = {k: v for k, v in vars(args).items()
                  if k not in {"dictionary", "config", "run", "command", "verbose", "quiet"}}
-    if overrides.pop("metrics_port", None) == -1:
-        config = replace(config, metrics_port=None)
-    elif args.metrics_port is not None:
-        overrides["metrics_port"] = args.metrics_port
+    for name in ("metrics_port", "http_port"):
+        if overrides.pop(name, None) == -1:
+            config = replace(config, **{name: None})
+        elif getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     return with_overrides(config, **overrides)
 
 

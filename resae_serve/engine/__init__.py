@@ -7,6 +7,8 @@
 - :mod:`~resae_serve.engine.llm`: building an engine and running offline batches.
 - :mod:`~resae_serve.engine.serving`: the async ``generate`` wrapper (admission, features,
   events); :mod:`~resae_serve.engine.driver` drives an offline ``LLM`` through it.
+- :mod:`~resae_serve.engine.http`: vLLM's own OpenAI-compatible app over that engine, steered
+  and monitored per request.
 """
 
 from resae_serve.engine.spec import (

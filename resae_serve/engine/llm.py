@@ -145,18 +145,26 @@ def sampling_with(params: Any, spec: SteeringSpec | None) -> Any:
     return out
 
 
-def prompt_with(prompt: str | Sequence[int], spec: SteeringSpec | None) -> dict[str, Any]:
-    """A vLLM prompt dict, salted with the steering hash so prefix caching stays isolated.
+def cache_salt_for(spec: SteeringSpec | None, base: str | None = None) -> str | None:
+    """The prefix-cache salt of a request steered by ``spec``: ``None`` for a plain request
+    (it shares the plain cache), the steering hash for a steered one, and a salt of its own for
+    a monitored one. ``base`` (a client's own salt) is kept in front: ``"<base>|<ours>"``.
 
-    Monitored requests get a salt of their own: every prompt position is then computed (and
-    encoded) instead of read from the prefix cache; their prefill is never shared."""
-    item: dict[str, Any] = ({"prompt": prompt} if isinstance(prompt, str)
-                            else {"prompt_token_ids": list(prompt)})
+    Monitored requests never read another request's cache: cached prompt positions are never
+    computed, so they would get no features (its own cache, after a preemption, still)."""
     salt = spec.cache_salt() if spec is not None else None
     if spec is not None and spec.monitor.layers:
-        # cached prompt positions are never computed, so they would get no features: a
-        # monitored request reads no one else's cache (its own, after a preemption, still)
         salt = f"{salt or 'resae'}-monitor-{uuid.uuid4().hex}"
+    if base and salt:
+        return f"{base}|{salt}"
+    return base or salt
+
+
+def prompt_with(prompt: str | Sequence[int], spec: SteeringSpec | None) -> dict[str, Any]:
+    """A vLLM prompt dict, salted (:func:`cache_salt_for`) so prefix caching stays isolated."""
+    item: dict[str, Any] = ({"prompt": prompt} if isinstance(prompt, str)
+                            else {"prompt_token_ids": list(prompt)})
+    salt = cache_salt_for(spec)
     if salt is not None:
         item["cache_salt"] = salt
     return item

@@ -29,7 +29,14 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from resae_serve.engine.admission import ConfigAdmission
@@ -60,8 +67,8 @@ DEAD_POLL_S = 0.25
 """How often a worker RPC in flight checks that the engine still lives."""
 T = TypeVar("T")
 Intervention = SteerEdit | SteerVector
-__all__ = ["EngineInfo", "EngineStats", "GenerationChunk", "MonitorEvent", "ResaeEngine",
-           "ServingEngine", "TokenFeatures", "collect", "steering_spec"]
+__all__ = ["EngineInfo", "EngineStats", "GenerationChunk", "MonitorEvent", "OpenAIServing",
+           "ResaeEngine", "ServingEngine", "TokenFeatures", "collect", "steering_spec"]
 
 
 class TokenFeatures(NamedTuple):
@@ -125,6 +132,15 @@ class ServingEngine(Protocol):
         ...
 
     async def shutdown(self) -> None: ...
+
+
+class OpenAIServing(Protocol):
+    """An engine that also serves vLLM's OpenAI-compatible app (optional: the HTTP front end
+    answers 503 for engines without it)."""
+
+    async def openai_app(self, served_model_name: str) -> Any:
+        """An :class:`~resae_serve.engine.http.OpenAIApp` over this engine."""
+        ...
 
 
 def steering_spec(info: EngineInfo, interventions: Sequence[Intervention] = (),
@@ -301,6 +317,16 @@ class ResaeEngine:
         """Stop the engine (its processes and memory); on a worker thread, as it blocks."""
         await asyncio.to_thread(self.driver.shutdown)
 
+    async def openai_app(self, served_model_name: str) -> Any:
+        """vLLM's OpenAI-compatible app over this engine, steered per request
+        (:func:`resae_serve.engine.http.build_openai_app`; needs an ``AsyncLLM`` driver)."""
+        if not isinstance(self.driver, AsyncLLMDriver):
+            raise TypeError(f"openai_app needs an AsyncLLM engine, not "
+                            f"{type(self.driver).__name__}")
+        from resae_serve.engine.http import build_openai_app
+
+        return await build_openai_app(self, served_model_name)
+
     # ------------------------------------------------------------------ requests
 
     def spec(self, interventions: Sequence[Intervention] = (), monitor: MonitorSpec | None = None,
@@ -315,27 +341,46 @@ class ResaeEngine:
         """Stream one request's tokens with their features and events (see module docstring)."""
         request_id = request_id or f"resae-{next(self._ids)}"
         spec = self.spec(interventions, monitor, key=request_id)
+        item = prompt_with(prompt, spec)
+        n_tokens, n_text = 0, 0
+        steps = self.steered(spec, request_id,
+                             lambda: self.driver.generate(item, sampling, spec, request_id))
+        try:
+            async for out, features, events in steps:
+                completion = out.outputs[0]
+                tokens = tuple(completion.token_ids[n_tokens:])
+                text = completion.text[n_text:]
+                n_tokens, n_text = len(completion.token_ids), len(completion.text)
+                yield GenerationChunk(request_id, tokens, text, tuple(features), tuple(events),
+                                      bool(out.finished), completion.finish_reason)
+        finally:
+            await steps.aclose()
+
+    async def steered(self, spec: SteeringSpec, request_id: str,
+                      start: Callable[[], AsyncIterator[Any]]
+                      ) -> AsyncGenerator[tuple[Any, list[TokenFeatures], list[MonitorEvent]],
+                                          None]:
+        """The life of one steered request, shared by every front end: wait in admission,
+        run ``start()`` (the engine's stream of vLLM ``RequestOutput`` s of ``request_id``,
+        steered by ``spec``; ``spec.key`` names its monitor results in the worker), and yield
+        each output with the features and events newly available (monitored requests; the
+        final output waits for the worker's queue). Stopping early aborts ``request_id`` and
+        drops its monitor results; the config is always released."""
         monitoring = bool(spec.monitor.layers)
         handle = await self.admission.acquire(spec)
         finished = False
         stream: AsyncIterator[Any] | None = None
         try:
-            n_tokens, n_text = 0, 0
             delivered: dict[int, int] = {}
-            stream = self.driver.generate(prompt_with(prompt, spec), sampling, spec, request_id)
+            stream = start()
             async for out in stream:
-                completion = out.outputs[0]
-                tokens = tuple(completion.token_ids[n_tokens:])
-                text = completion.text[n_text:]
-                n_tokens, n_text = len(completion.token_ids), len(completion.text)
                 features: list[TokenFeatures] = []
                 events: list[MonitorEvent] = []
                 if monitoring:
-                    records = await self._fetcher.fetch(request_id, wait=out.finished)
+                    records = await self._fetcher.fetch(spec.key, wait=bool(out.finished))
                     features, events = _features(records, delivered)
                 finished = bool(out.finished)
-                yield GenerationChunk(request_id, tokens, text, tuple(features), tuple(events),
-                                      finished, completion.finish_reason)
+                yield out, features, events
                 if finished:
                     break
         finally:
@@ -346,10 +391,10 @@ class ResaeEngine:
                 if not finished:
                     await self.driver.abort(request_id)
                     if monitoring:      # drop its results here and in the worker
-                        await self._fetcher.forget(request_id)
+                        await self._fetcher.forget(spec.key)
                         with contextlib.suppress(EngineDeadError):    # then nothing is left
                             await _unless_dead(self.driver,
-                                               discard_async(self.driver, request_id))
+                                               discard_async(self.driver, spec.key))
             finally:
                 await self.admission.release(handle)
 

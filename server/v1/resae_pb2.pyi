@@ -408,3 +408,19 @@ class SearchFeaturesResponse(_message.Message):
     HITS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
+
+class ResaeOptions(_message.Message):
+    __slots__ = ("interventions", "monitor")
+    INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
+    monitor: MonitorRequest
+    def __init__(self, interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ..., monitor: _Optional[_Union[MonitorRequest, _Mapping]] = ...) -> None: ...
+
+class ResaeFeatures(_message.Message):
+    __slots__ = ("features", "events")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedCompositeFieldContainer[TokenFeatures]
+    events: _containers.RepeatedCompositeFieldContainer[FeatureEvent]
+    def __init__(self, features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[FeatureEvent, _Mapping]]] = ...) -> None: ...

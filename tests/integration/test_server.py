@@ -323,9 +323,10 @@ def test_metrics_are_exposed(server: Any, client: ResaeClient) -> None:
         client.get_feature(6, 999)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
                                   timeout=10).read().decode()
-    assert 'resae_requests_total{code="OK",rpc="GetDictionary"}' in body
-    assert 'resae_requests_total{code="INVALID_ARGUMENT",rpc="GetFeature"}' in body
-    assert "resae_generated_tokens_total" in body and "resae_active_streams 0.0" in body
+    assert 'resae_requests_total{code="OK",protocol="grpc",rpc="GetDictionary"}' in body
+    assert 'resae_requests_total{code="INVALID_ARGUMENT",protocol="grpc",rpc="GetFeature"}' in body
+    assert "resae_generated_tokens_total" in body
+    assert 'resae_active_streams{protocol="grpc"} 0.0' in body
     assert "resae_steering_configs_in_use" in body and "resae_monitor_lag_tokens_bucket" in body
     assert "resae_engine_up 1.0" in body
 

@@ -54,6 +54,7 @@ def test_config_from_toml_and_flag_overrides(tmp_path: Path) -> None:
     ({"dictionary": "d", "limits": {"max_tokenz": 1}}, "[limits]: unknown field(s)"),
     ({"dictionary": "d", "limits": {"max_tokens": 0}}, "limits.max_tokens=0"),
     ({"dictionary": "d", "port": 70000}, "port=70000; allowed 0..65535"),
+    ({"dictionary": "d", "http_port": -2}, "http_port=-2; allowed 0..65535"),
     ({"dictionary": "d", "tls_cert_file": "c"}, "tls_cert_file and tls_key_file go together"),
     ({"dictionary": "d", "tls_client_ca_file": "ca"}, "tls_client_ca_file needs"),
     ({"dictionary": "d", "engine": {"kv_cache_gib": 0}}, "engine.kv_cache_gib=0"),
@@ -212,3 +213,17 @@ def test_serve_flags_for_memory_and_restarts() -> None:
         "0.5", "--gpu-memory-utilization", "0.5"]))
     assert not config.restart_engine and config.restart_attempts == 2
     assert config.restart_backoff_s == 0.5 and config.engine.gpu_memory_utilization == 0.5
+
+
+def test_serve_flag_for_the_http_api() -> None:
+    import argparse
+
+    from resae_serve.cli.serve import add_parser, build_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    assert build_config(parser.parse_args(["serve", "d"])).http_port is None     # off
+    config = build_config(parser.parse_args(["serve", "d", "--http-port", "8000",
+                                             "--metrics-port", "-1"]))
+    assert (config.http_port, config.metrics_port) == (8000, None)
+    assert build_config(parser.parse_args(["serve", "d", "--http-port", "-1"])).http_port is None

@@ -324,28 +324,39 @@ def test_metrics_served_per_instance_without_clashing() -> None:
         first.track_configs(lambda: 2)
         first.engine_up.set(1)
         first.monitor_lag.observe(3)
-        first.time_to_first_token.observe(0.2)
-        with first.stream():
+        first.observe_first_token(0.2)
+        first.record_request("/v1/completions", "200", protocol="http")
+        first.add_tokens(5, protocol="http")
+        with first.stream(), first.stream("http"):
             scraped = _scrape(first_port)
         second.record_request("Encode", grpc.StatusCode.UNAUTHENTICATED)
 
-        ok = ("resae_requests_total", (("code", "OK"), ("rpc", "Generate")))
-        invalid = ("resae_requests_total", (("code", "INVALID_ARGUMENT"), ("rpc", "Generate")))
-        assert scraped[ok] == 2 and scraped[invalid] == 1
-        assert scraped[("resae_generated_tokens_total", ())] == 30
-        assert scraped[("resae_generated_tokens_per_second", ())] == pytest.approx(3.0)
+        grpc_, http = (("protocol", "grpc"),), (("protocol", "http"),)
+        ok = ("resae_requests_total", (("code", "OK"), ("protocol", "grpc"), ("rpc", "Generate")))
+        invalid = ("resae_requests_total",
+                   (("code", "INVALID_ARGUMENT"), ("protocol", "grpc"), ("rpc", "Generate")))
+        http_ok = ("resae_requests_total",
+                   (("code", "200"), ("protocol", "http"), ("rpc", "/v1/completions")))
+        assert scraped[ok] == 2 and scraped[invalid] == 1 and scraped[http_ok] == 1
+        assert scraped[("resae_generated_tokens_total", grpc_)] == 30
+        assert scraped[("resae_generated_tokens_total", http)] == 5
+        assert scraped[("resae_generated_tokens_per_second", ())] == pytest.approx(3.5)
         assert scraped[("resae_steering_configs_in_use", ())] == 2
         assert scraped[("resae_engine_up", ())] == 1
-        assert scraped[("resae_active_streams", ())] == 1
+        assert scraped[("resae_active_streams", grpc_)] == 1
+        assert scraped[("resae_active_streams", http)] == 1
         assert scraped[("resae_monitor_lag_tokens_bucket", (("le", "2.0"),))] == 0
         assert scraped[("resae_monitor_lag_tokens_bucket", (("le", "4.0"),))] == 1
-        assert scraped[("resae_time_to_first_token_seconds_count", ())] == 1
+        assert scraped[("resae_time_to_first_token_seconds_count", grpc_)] == 1
+        assert scraped[("resae_time_to_first_token_seconds_count", http)] == 0
 
         other = _scrape(second_port)
-        assert other[("resae_requests_total", (("code", "UNAUTHENTICATED"), ("rpc", "Encode")))]
-        assert ok not in other and other[("resae_generated_tokens_total", ())] == 0
-        assert _scrape(first_port)[("resae_active_streams", ())] == 0
-        assert b'resae_requests_total{code="OK",rpc="Generate"} 2.0' in first.render()
+        assert other[("resae_requests_total", (("code", "UNAUTHENTICATED"), ("protocol", "grpc"),
+                                               ("rpc", "Encode")))]
+        assert ok not in other and other[("resae_generated_tokens_total", grpc_)] == 0
+        assert _scrape(first_port)[("resae_active_streams", grpc_)] == 0
+        assert (b'resae_requests_total{code="OK",protocol="grpc",rpc="Generate"} 2.0'
+                in first.render())
     finally:
         first.stop_http()
         second.stop_http()
