@@ -83,8 +83,9 @@ VOLUME ["/models", "/dictionaries"]
 WORKDIR /srv/resae
 USER 10001:10001
 
-# gRPC, Prometheus /metrics.
-EXPOSE 50051 9400
+# gRPC, Prometheus /metrics, and the OpenAI-compatible HTTP API when started with
+# `--http-port 8000` (off by default).
+EXPOSE 50051 9400 8000
 
 # The standard grpc.health.v1 service: NOT_SERVING while the engine loads (weights,
 # torch.compile, CUDA graph capture: minutes for large models), SERVING once ready, NOT_SERVING

@@ -38,6 +38,8 @@ from resae_serve.server.tls import make_self_signed, server_credentials
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
+HTTP_PORT = 8000
+"""The port the Dockerfile exposes for ``--http-port`` (vLLM's usual port)."""
 DOCKERIGNORE = ROOT / ".dockerignore"
 SERVICE = "resae.v1.ResaeService"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -172,7 +174,9 @@ def test_runs_as_a_numeric_non_root_user_set_before_the_entrypoint() -> None:
 def test_exposes_the_servers_default_ports() -> None:
     exposed = {int(word.split("/")[0]) for word in _only("EXPOSE").split()}
     defaults = {f.name: f.default for f in fields(ServerConfig)}
-    assert exposed == {50051, 9400} == {defaults["port"], defaults["metrics_port"]}
+    assert exposed - {HTTP_PORT} == {50051, 9400} == {defaults["port"], defaults["metrics_port"]}
+    assert HTTP_PORT in exposed and defaults["http_port"] is None      # HTTP is opt-in
+    assert f"--http-port {HTTP_PORT}" in DOCKERFILE.read_text()
 
 
 def test_environment_is_offline() -> None:
