@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from resae_serve import __version__
-from resae_serve.evaluation.plots import _pyplot
+from resae_serve.evaluation.plots import pyplot, save_figure
+from resae_serve.evaluation.render import fmt, md_table
 
 FRONTIER_JSON, FRONTIER_MD = "frontier.json", "report.md"
 DISCUSSION_MD = "discussion.md"
@@ -105,15 +106,6 @@ def frontier_table(report: dict[str, Any], wall: dict[str, float]) -> dict[str, 
     }
 
 
-def _f(value: float | None, spec: str = ".4f") -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(row) + " |" for row in rows), ""]
-
-
 def _ks(items: list[int]) -> str:
     return "k = " + ", ".join(map(str, items)) if items else "no k"
 
@@ -184,24 +176,24 @@ def render_frontier(table: dict[str, Any], plots: list[str], discussion: str | N
     modes = [m for m in _MODE_LABELS if runs and m in runs[0]["joint"]]
     rows = []
     for run in runs:
-        cells = [str(run["k"]), run["mode"], _f(run["l0"], ".1f"), _f(run["fve"])]
+        cells = [str(run["k"]), run["mode"], fmt(run["l0"], ".1f"), fmt(run["fve"])]
         for mode in modes:
             j = run["joint"][mode]
-            cells += [_f(j["delta_ce"]), _f(j["kl"])]
+            cells += [fmt(j["delta_ce"]), fmt(j["kl"])]
         online = run["joint"].get("online")
-        cells += [_f(run["sum_single_delta_ce"]),
-                  _f(None if online is None else online["interaction"]),
-                  _f(None if online is None else online["ce_recovered"], ".3f"),
-                  _f(run["train_wall_s"], ".0f")]
+        cells += [fmt(run["sum_single_delta_ce"]),
+                  fmt(None if online is None else online["interaction"]),
+                  fmt(None if online is None else online["ce_recovered"], ".3f"),
+                  fmt(run["train_wall_s"], ".0f")]
         rows.append(cells)
     header = ["k", "mode", "L0", "mean FVE"]
     for mode in modes:
         header += [f"ΔCE {_MODE_LABELS[mode]}", f"KL {_MODE_LABELS[mode]}"]
     header += ["Σ ΔCE single", "interaction online", "CE recovered online", "train s"]
-    lines += _table(header, rows)
+    lines += md_table(header, rows)
     lines += ["Ratio ReSAE / layerwise of joint ΔCE (below 1: ReSAE better; ≤ 0.5: halved).", ""]
-    lines += _table(["k", *(_MODE_LABELS[m] for m in modes)],
-                    [[str(r["k"]), *(_f(r.get(m), ".3f") for m in modes)]
+    lines += md_table(["k", *(_MODE_LABELS[m] for m in modes)],
+                    [[str(r["k"]), *(fmt(r.get(m), ".3f") for m in modes)]
                      for r in table["ratios"]])
     lines += ["## Per layer", "",
               "FVE in activation space (a ReSAE's through the chain); local FVE: a ReSAE layer "
@@ -210,13 +202,13 @@ def render_frontier(table: dict[str, Any], plots: list[str], discussion: str | N
               "ΔCE single: that layer alone replaced; local: by its local reconstruction. Late "
               f"FVE gain: batch FVE (SAE input) of the last {LATE:.0%} of training minus the "
               f"{LATE:.0%} before (positive: still improving).", ""]
-    rows = [[str(run["k"]), run["mode"], str(row["layer"]), _f(row["fve"]),
-             _f(row["local_fve"]), _f(row["residual_fve"]), _f(row["l0"], ".1f"),
-             _f(row["dead_fraction"], ".1%"), _f(row["dense_fraction"], ".1%"),
-             _f(row["single_delta_ce"]), _f(row["local_delta_ce"]),
-             _f(row["late_fve_gain"], "+.4f")]
+    rows = [[str(run["k"]), run["mode"], str(row["layer"]), fmt(row["fve"]),
+             fmt(row["local_fve"]), fmt(row["residual_fve"]), fmt(row["l0"], ".1f"),
+             fmt(row["dead_fraction"], ".1%"), fmt(row["dense_fraction"], ".1%"),
+             fmt(row["single_delta_ce"]), fmt(row["local_delta_ce"]),
+             fmt(row["late_fve_gain"], "+.4f")]
             for run in runs for row in run["layers"]]
-    lines += _table(["k", "mode", "layer", "FVE", "local FVE", "residual FVE", "L0", "dead",
+    lines += md_table(["k", "mode", "layer", "FVE", "local FVE", "residual FVE", "L0", "dead",
                      "dense", "ΔCE single", "ΔCE local", "late FVE gain"], rows)
     if table.get("eval_wall_s") is not None:
         lines += [f"Evaluation of all runs: {table['eval_wall_s']:.0f} s.", ""]
@@ -234,7 +226,7 @@ def _pairs(table: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 def plot_joint_delta_ce(table: dict[str, Any], path: Path) -> Path:
     """Joint ΔCE against L0, one panel per splicing mode, both dictionary modes per panel."""
-    plt = _pyplot()
+    plt = pyplot()
     by_mode = _pairs(table)
     modes = [m for m in _MODE_LABELS if table["runs"] and m in table["runs"][0]["joint"]]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.8), squeeze=False)
@@ -251,15 +243,12 @@ def plot_joint_delta_ce(table: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_fve_l0(table: dict[str, Any], path: Path) -> Path:
     """FVE against L0 per layer: activation space for both modes, ReSAE's local FVE dashed."""
-    plt = _pyplot()
+    plt = pyplot()
     by_mode = _pairs(table)
     layers = [row["layer"] for row in table["runs"][0]["layers"]]
     fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.6), squeeze=False)
@@ -275,15 +264,12 @@ def plot_fve_l0(table: dict[str, Any], path: Path) -> Path:
         ax.set(xlabel="L0", ylabel="FVE (held-out)", title=f"layer {layer}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ratio(table: dict[str, Any], path: Path) -> Path:
     """ReSAE / layerwise joint ΔCE against k, one line per splicing mode; 1 and 0.5 marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ks = [r["k"] for r in table["ratios"]]
     for mode, label in _MODE_LABELS.items():
@@ -298,10 +284,7 @@ def plot_ratio(table: dict[str, Any], path: Path) -> Path:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_training(table: dict[str, Any], path: Path, window: int = 10) -> Path | None:
@@ -310,7 +293,7 @@ def plot_training(table: dict[str, Any], path: Path, window: int = 10) -> Path |
     histories = {run["name"]: (run, _history(Path(run["folder"]))) for run in table["runs"]}
     if not any(h for _, h in histories.values()):
         return None
-    plt = _pyplot()
+    plt = pyplot()
     layers = [row["layer"] for row in table["runs"][0]["layers"]]
     ks = sorted({run["k"] for run in table["runs"]})
     colors = plt.get_cmap("viridis")([i / max(len(ks) - 1, 1) for i in range(len(ks))])
@@ -329,10 +312,7 @@ def plot_training(table: dict[str, Any], path: Path, window: int = 10) -> Path |
         ax.set_ylim(bottom=0, top=1)
         ax.grid(alpha=0.3)
     axes[0, -1].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_frontier(out: Path, table: dict[str, Any]) -> list[Path]:

@@ -8,7 +8,8 @@ from typing import Any
 from resae_serve.evaluation.redundancy import LayerRedundancy
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,9 +18,17 @@ def _pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG and free it; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
 def plot_fve_l0(report: dict[str, Any], path: Path) -> Path:
     """Activation-space (solid) and residual-space (dashed) FVE, and L0, per layer."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_fve, ax_l0) = plt.subplots(1, 2, figsize=(10, 4))
     for name, entry in report["dictionaries"].items():
         rows = entry["reconstruction"]
@@ -43,15 +52,12 @@ def plot_fve_l0(report: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(all_layers)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_delta_ce(report: dict[str, Any], path: Path) -> Path:
     """ΔCE of each layer alone, their sum, and joint replacement per mode, per dictionary."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(report["dictionaries"])
     fig, ax = plt.subplots(figsize=(max(6, 3 + 2.5 * len(names)), 4))
     width = 0.8 / max(len(names), 1)
@@ -69,10 +75,7 @@ def plot_delta_ce(report: dict[str, Any], path: Path) -> Path:
     ax.set(ylabel="ΔCE (nats / token)", title="splicing: each layer alone vs all jointly")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_redundancy(raw: dict[str, list[LayerRedundancy]], path: Path) -> Path | None:
@@ -80,7 +83,7 @@ def plot_redundancy(raw: dict[str, list[LayerRedundancy]], path: Path) -> Path |
     rows = max((len(v) for v in raw.values()), default=0)
     if rows == 0:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(rows, 2, figsize=(10, 2.6 * rows), squeeze=False)
     bins = [i / 50 for i in range(51)]
     for name, layers in raw.items():
@@ -96,7 +99,4 @@ def plot_redundancy(raw: dict[str, list[LayerRedundancy]], path: Path) -> Path |
         ax.set_xlabel("max |cos| to previous layer's decoder rows")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

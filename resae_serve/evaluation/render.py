@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 
-def _f(value: float | None, spec: str = ".4f") -> str:
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    """``value`` formatted by ``spec``; an en dash for None."""
     return "–" if value is None else format(value, spec)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines, with a blank line after it."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(row) + " |" for row in rows), ""]
 
@@ -34,13 +36,13 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
               "FVE in activation space (through the chain for a ReSAE); local FVE: a ReSAE "
               "layer rebuilt from the true previous layer, A h_prev + c + σ D(z); residual "
               "space is r = h − A h_prev − c.", ""]
-    rows = [[name, str(r["layer"]), _f(r["fve"]), _f(r.get("local_fve")),
-             _f(r["residual_fve"]), _f(r["input_fve"]),
-             _f(r["mse"], ".4g"), _f(r["cosine"]), _f(r["l0"], ".1f"),
-             _f(r["dead_fraction"], ".1%"), _f(r["dense_fraction"], ".1%"), _f(r["shrinkage"]),
+    rows = [[name, str(r["layer"]), fmt(r["fve"]), fmt(r.get("local_fve")),
+             fmt(r["residual_fve"]), fmt(r["input_fve"]),
+             fmt(r["mse"], ".4g"), fmt(r["cosine"]), fmt(r["l0"], ".1f"),
+             fmt(r["dead_fraction"], ".1%"), fmt(r["dense_fraction"], ".1%"), fmt(r["shrinkage"]),
              str(r["n_tokens"])]
             for name, d in dicts.items() for r in d["reconstruction"]]
-    lines += _table(["dictionary", "layer", "FVE", "local FVE", "residual FVE", "SAE-input FVE",
+    lines += md_table(["dictionary", "layer", "FVE", "local FVE", "residual FVE", "SAE-input FVE",
                      "MSE",
                      "cosine", "L0", "dead", "dense", "‖x̂‖/‖x‖", "tokens"], rows)
     lines += ["## Splicing", "",
@@ -62,33 +64,34 @@ def render_markdown(report: dict[str, Any], plots: list[str]) -> str:
                        for layer, r in s.get("local", {}).items()]
         conditions += [(f"joint, {mode.replace('_', '-')}", r) for mode, r in s["joint"].items()]
         for label, r in conditions:
-            rows.append([name, label, _f(s["ce_clean"]), _f(r["ce"]), _f(r["delta_ce"]),
-                         _f(r["kl"]), _f(r["ce_ablate"]), _f(r["ce_recovered"], ".3f")])
-    lines += _table(["dictionary", "condition", "CE clean", "CE spliced", "ΔCE", "KL",
+            rows.append([name, label, fmt(s["ce_clean"]), fmt(r["ce"]), fmt(r["delta_ce"]),
+                         fmt(r["kl"]), fmt(r["ce_ablate"]), fmt(r["ce_recovered"], ".3f")])
+    lines += md_table(["dictionary", "condition", "CE clean", "CE spliced", "ΔCE", "KL",
                      "CE ablated", "CE recovered"], rows)
-    rows = [[name, _f(d["splicing"]["sum_single_delta_ce"]),
-             *(_f(d["splicing"]["interaction"].get(mode)) for mode in settings["modes"])]
+    rows = [[name, fmt(d["splicing"]["sum_single_delta_ce"]),
+             *(fmt(d["splicing"]["interaction"].get(mode)) for mode in settings["modes"])]
             for name, d in dicts.items()]
-    lines += _table(["dictionary", "Σ ΔCE single",
+    lines += md_table(["dictionary", "Σ ΔCE single",
                      *(f"interaction ({m.replace('_', '-')})" for m in settings["modes"])], rows)
     lines += ["## Redundancy", "",
               "Per latent of a later layer: max |cos| of its decoder row to the previous layer's "
               "rows, raw and after mapping those by A.", ""]
-    rows = [[name, f"{r['layer']} vs {r['previous']}", _f(r["raw>0.7"], ".1%"),
-             _f(r["raw>0.9"], ".1%"), _f(r["mapped>0.7"], ".1%"), _f(r["mapped>0.9"], ".1%"),
-             _f(r["median_raw"], ".3f"), _f(r["median_mapped"], ".3f")]
+    rows = [[name, f"{r['layer']} vs {r['previous']}", fmt(r["raw>0.7"], ".1%"),
+             fmt(r["raw>0.9"], ".1%"), fmt(r["mapped>0.7"], ".1%"), fmt(r["mapped>0.9"], ".1%"),
+             fmt(r["median_raw"], ".3f"), fmt(r["median_mapped"], ".3f")]
             for name, d in dicts.items() for r in d["redundancy"]]
-    lines += _table(["dictionary", "layers", "raw > 0.7", "raw > 0.9", "mapped > 0.7",
+    lines += md_table(["dictionary", "layers", "raw > 0.7", "raw > 0.9", "mapped > 0.7",
                      "mapped > 0.9", "median raw", "median mapped"], rows)
     lines += ["## Linear propagation", "",
               "A feature direction added at layer m (α = the layer's mean active code) vs the "
               "actual change of h at the next dictionary layer; 'new' is the next SAE's "
               "decoded change relative to it.", ""]
-    rows = [[name, f"{r['layer']} → {r['next_layer']}", str(r["n_features"]), _f(r["alpha"], ".2f"),
-             _f(r["cosine"], ".3f"), _f(r["norm_ratio"], ".3f"), _f(r["linear_r2"], ".3f"),
-             _f(r["new_fraction"], ".3f"), _f(r["new_latents"], ".2f")]
+    rows = [[name, f"{r['layer']} → {r['next_layer']}", str(r["n_features"]),
+             fmt(r["alpha"], ".2f"),
+             fmt(r["cosine"], ".3f"), fmt(r["norm_ratio"], ".3f"), fmt(r["linear_r2"], ".3f"),
+             fmt(r["new_fraction"], ".3f"), fmt(r["new_latents"], ".2f")]
             for name, d in dicts.items() for r in d["propagation"]]
-    lines += _table(["dictionary", "layers", "features", "α", "cos(Δh, Aδ)", "‖Δh‖/‖Aδ‖",
+    lines += md_table(["dictionary", "layers", "features", "α", "cos(Δh, Aδ)", "‖Δh‖/‖Aδ‖",
                      "R²", "new fraction", "latents switched on"], rows)
     if plots:
         lines += ["## Plots", "", *(f"![{p}]({p})" for p in plots), ""]
