@@ -8,7 +8,9 @@ by ``pyproject.toml``, so no generic ``export`` module lands in site-packages.
     convert     artifact -> ONNX graphs (torch.onnx dynamo exporter) + export_manifest.json
     validate    strict parity against the torch ReSAE, ParityError
     trt_engine  TensorRT engines with token-axis profiles, cached by fingerprint
-    runtime     FeatureRuntime (encode / intervention deltas / decode) and its backends
+    runtime     FeatureRuntime (encode / encode_layer / intervention deltas / decode) and
+                its backends
+    cache       exports built on demand for serving, keyed by the dictionary's fingerprint
 
     from resae_serve.export import export_artifact, validate_export, open_runtime
     export_artifact(Path("runs/dict"), Path("runs/dict.onnx"))
@@ -19,7 +21,7 @@ by ``pyproject.toml``, so no generic ``export`` module lands in site-packages.
 from .convert import export_artifact, export_resae
 from .errors import ExportError, MissingDependencyError, ParityError
 from .folder import ExportManifest, read_export_manifest
-from .runtime import EncodeOutput, FeatureRuntime, RuntimeConfig, open_runtime
+from .runtime import EncodeOutput, FeatureRuntime, LayerCodes, RuntimeConfig, open_runtime
 from .spec import ExportConfig, GraphSpec, Tolerance, graph_spec
 from .validate import ValidationReport, validate_export
 
@@ -30,6 +32,7 @@ __all__ = [
     "ExportManifest",
     "FeatureRuntime",
     "GraphSpec",
+    "LayerCodes",
     "MissingDependencyError",
     "ParityError",
     "RuntimeConfig",

@@ -42,7 +42,7 @@ class OnnxRuntime(FeatureRuntime):
         self.provider = self._provider()
         if self.provider == "tensorrt":
             self.min_axis = 1  # its optimisation profiles start at 1 on watch / edit axes
-        self.sessions: dict[str, tuple[Any, GraphEntry]] = {}
+        self.sessions: dict[tuple[str, int | None], tuple[Any, GraphEntry]] = {}
 
     def _provider(self) -> str:
         config, gpu = self.config, self.device.type == "cuda"
@@ -79,23 +79,27 @@ class OnnxRuntime(FeatureRuntime):
                "trt_fp16_enable": self.precision == "float16"}
         return [(_NAMES["tensorrt"], trt), cuda, _NAMES["cpu"]]
 
-    def session(self, graph: str) -> tuple[Any, GraphEntry]:
-        """The session of ``graph`` in this runtime's precision (created on first use)."""
-        if graph not in self.sessions:
-            entry = self.manifest.graph(graph, self.precision)
+    def session(self, graph: str, layer: int | None = None) -> tuple[Any, GraphEntry]:
+        """The session of ``graph`` (of ``layer``, for ``encode_layer``) in this runtime's
+        precision (created on first use)."""
+        key = (graph, layer)
+        if key not in self.sessions:
+            entry = self.manifest.graph(graph, self.precision, layer)
             options = self.ort.SessionOptions()
             options.log_severity_level = 3
             if self.config.threads:
                 options.intra_op_num_threads = self.config.threads
+            if not self.config.allow_spinning:
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             path = str(self.manifest.path(entry))
             providers = self._providers(entry.spec)
-            self.sessions[graph] = (
+            self.sessions[key] = (
                 self.ort.InferenceSession(path, options, providers=providers), entry)
             logger.info("onnxruntime session for %s on %s", entry.file, self.provider)
-        return self.sessions[graph]
+        return self.sessions[key]
 
-    def run(self, graph: str, inputs: list[Tensor]) -> list[Tensor]:
-        session, entry = self.session(graph)
+    def run(self, graph: str, inputs: list[Tensor], layer: int | None = None) -> list[Tensor]:
+        session, entry = self.session(graph, layer)
         if self.device.type == "cpu":
             feeds = {t.name: x.numpy() for t, x in zip(entry.spec.inputs, inputs, strict=True)}
             return [torch.from_numpy(o) for o in session.run(entry.spec.output_names, feeds)]

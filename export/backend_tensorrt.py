@@ -33,22 +33,22 @@ class TensorRTRuntime(FeatureRuntime):
         self.manifest, self.config = manifest, config
         self.profile = TokenProfile(max_tokens=config.max_tokens,
                                     opt_tokens=min(256, config.max_tokens))
-        self.engines: dict[str, tuple[Any, Any, GraphEntry]] = {}
+        self.engines: dict[tuple[str, int | None], tuple[Any, Any, GraphEntry]] = {}
 
-    def _engine(self, graph: str) -> tuple[Any, Any, GraphEntry]:
-        if graph not in self.engines:
-            entry = self.manifest.graph(graph, self.precision)
+    def _engine(self, graph: str, layer: int | None = None) -> tuple[Any, Any, GraphEntry]:
+        if (graph, layer) not in self.engines:
+            entry = self.manifest.graph(graph, self.precision, layer)
             path = build_engine(self.manifest, entry, profile=self.profile,
                                 cache=self.config.engine_cache)
             runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise ExportError(f"TensorRT could not load {path}; delete it to rebuild")
-            self.engines[graph] = (engine, engine.create_execution_context(), entry)
-        return self.engines[graph]
+            self.engines[graph, layer] = (engine, engine.create_execution_context(), entry)
+        return self.engines[graph, layer]
 
-    def run(self, graph: str, inputs: list[Tensor]) -> list[Tensor]:
-        engine, context, entry = self._engine(graph)
+    def run(self, graph: str, inputs: list[Tensor], layer: int | None = None) -> list[Tensor]:
+        engine, context, entry = self._engine(graph, layer)
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream()
             for spec, x in zip(entry.spec.inputs, inputs, strict=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from resae_serve.artifact import load_artifact
 from resae_serve.resae import ReSAE
@@ -32,8 +32,11 @@ class TorchRuntime(FeatureRuntime):
         if config.device == "cpu" and config.threads:
             torch.set_num_threads(config.threads)
         resae = as_float32(resae)
-        self.modules = {name: graph_module(name, resae, config.precision).to(self.device)
-                        for name in GRAPHS}
+        self.modules: dict[tuple[str, int | None], nn.Module] = {
+            (name, None): graph_module(name, resae, config.precision).to(self.device)
+            for name in GRAPHS if name != "encode_layer"}
+        self.modules.update({("encode_layer", L): graph_module(
+            "encode_layer", resae, config.precision, L).to(self.device) for L in resae.layers})
 
     @classmethod
     def from_manifest(cls, manifest: ExportManifest, config: RuntimeConfig) -> TorchRuntime:
@@ -48,7 +51,7 @@ class TorchRuntime(FeatureRuntime):
                               f"was exported from {manifest.fingerprint}; export it again")
         return cls(resae, config)
 
-    def run(self, graph: str, inputs: list[Tensor]) -> list[Tensor]:
-        module = self.modules[graph]
+    def run(self, graph: str, inputs: list[Tensor], layer: int | None = None) -> list[Tensor]:
+        module = self.modules[graph, layer]
         with torch.inference_mode():
             return list(module(*nest_inputs(graph, inputs, len(self.layers))))

@@ -31,7 +31,14 @@ from .folder import write_json_atomic as _write_json
 from .graphs import DTYPES, as_float32, dictionary_layout, graph_module, nest_inputs
 from .oracle import oracle_outputs
 from .probes import graph_inputs
-from .spec import EXPORT_MANIFEST, EXPORT_SCHEMA_VERSION, ExportConfig, GraphSpec, graph_spec
+from .spec import (
+    EXPORT_MANIFEST,
+    EXPORT_SCHEMA_VERSION,
+    ExportConfig,
+    GraphSpec,
+    graph_specs,
+    layer_feeds,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +107,8 @@ def export_resae(resae: ReSAE, out_dir: Path, config: ExportConfig | None = None
         entries = []
         for precision in config.precisions:
             for name in config.graphs:
-                spec = graph_spec(name, layout, precision, config.opset)
-                entries.append(export_graph(resae, spec, tmp, metadata, config))
+                for spec in graph_specs(name, layout, precision, config.opset):
+                    entries.append(export_graph(resae, spec, tmp, metadata, config))
         references = _write_references(resae, tmp, config)
         _write_json(tmp / EXPORT_MANIFEST, {
             "format": "resae-export", "schema_version": EXPORT_SCHEMA_VERSION,
@@ -126,11 +133,17 @@ def _dynamic_shapes(spec: GraphSpec, n_layers: int) -> tuple[object, ...]:
     for tensor in spec.inputs:
         flat.append({axis: dims.setdefault(size, torch.export.Dim(size))
                      for axis, size in enumerate(tensor.dims) if isinstance(size, str)})
+    if spec.name == "encode_layer":       # forward(*inputs): the varargs are one argument
+        return (tuple(flat),)
     return nest_inputs(spec.name, flat, n_layers)
 
 
 def _trace_inputs(resae: ReSAE, spec: GraphSpec, seed: int) -> tuple[object, ...]:
-    feeds = graph_inputs(spec.name, resae, "random", TRACE_TOKENS, seed)
+    if spec.name == "encode_layer":
+        feeds = layer_feeds(spec, dictionary_layout(resae),
+                            graph_inputs("encode", resae, "random", TRACE_TOKENS, seed))
+    else:
+        feeds = graph_inputs(spec.name, resae, "random", TRACE_TOKENS, seed)
     dtype = DTYPES[spec.precision]
     flat = []
     for t in spec.inputs:
@@ -144,7 +157,7 @@ def _trace_inputs(resae: ReSAE, spec: GraphSpec, seed: int) -> tuple[object, ...
 def export_graph(resae: ReSAE, spec: GraphSpec, folder: Path, metadata: dict[str, str],
                  config: ExportConfig) -> GraphEntry:
     """Trace, convert and save one graph; returns its manifest entry."""
-    module = graph_module(spec.name, resae, spec.precision)
+    module = graph_module(spec.name, resae, spec.precision, spec.layer)
     args = _trace_inputs(resae, spec, config.seed)
     logger.info("exporting %s (%s, opset %d)", spec.file, spec.precision, spec.opset)
     with _quiet_exporter():
@@ -160,7 +173,8 @@ def export_graph(resae: ReSAE, spec: GraphSpec, folder: Path, metadata: dict[str
     if program is None:  # only the legacy exporter returns None
         raise ExportError(f"torch.onnx.export returned no program for {spec.name}")
     program.model.metadata_props.update(
-        {**metadata, "resae.graph": spec.name, "resae.precision": spec.precision})
+        {**metadata, "resae.graph": spec.name, "resae.precision": spec.precision,
+         **({"resae.layer": str(spec.layer)} if spec.layer is not None else {})})
     program.model.doc_string = (f"resae-serve {spec.name} graph ({spec.precision}) of "
                                 f"dictionary {metadata['resae.fingerprint']}")
     weight_bytes = sum(b.numel() * b.element_size() for b in module.buffers())
@@ -182,6 +196,8 @@ def _write_references(resae: ReSAE, folder: Path, config: ExportConfig) -> dict[
         return {}
     written: dict[str, str] = {}
     for name in config.graphs:
+        if name == "encode_layer":      # the encode graph's references cover it, per layer
+            continue
         feeds = graph_inputs(name, resae, "real-scale", config.reference_tokens,
                              config.seed + 7)
         target = folder / "reference" / name

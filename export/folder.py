@@ -53,7 +53,8 @@ class GraphEntry:
 
     def to_dict(self) -> dict[str, Any]:
         s = self.spec
-        return {"graph": s.name, "precision": s.precision, "opset": s.opset, "file": self.file,
+        return {"graph": s.name, "layer": s.layer, "precision": s.precision, "opset": s.opset,
+                "file": self.file,
                 "external_data": self.external_data, "sha256": self.sha256, "bytes": self.bytes,
                 "inputs": [t.to_dict() for t in s.inputs],
                 "outputs": [t.to_dict() for t in s.outputs]}
@@ -64,7 +65,7 @@ class GraphEntry:
             return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in d[key])
 
         spec = GraphSpec(d["graph"], d["precision"], d["opset"], tensors("inputs"),
-                         tensors("outputs"))
+                         tensors("outputs"), d.get("layer"))
         return cls(spec, d["file"], d.get("external_data"), d["sha256"], d["bytes"])
 
 
@@ -81,14 +82,19 @@ class ExportManifest:
     graphs: tuple[GraphEntry, ...]
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
-    def graph(self, name: str, precision: str = "float32") -> GraphEntry:
-        """The entry of graph ``name`` in ``precision``, with a clear error when absent."""
+    def graph(self, name: str, precision: str = "float32",
+              layer: int | None = None) -> GraphEntry:
+        """The entry of graph ``name`` in ``precision`` (``layer``: of a per-layer graph),
+        with a clear error when absent."""
         for entry in self.graphs:
-            if entry.spec.name == name and entry.spec.precision == precision:
+            if (entry.spec.name == name and entry.spec.precision == precision
+                    and entry.spec.layer == layer):
                 return entry
-        have = [f"{g.spec.name}/{g.spec.precision}" for g in self.graphs]
-        raise ExportError(f"{self.folder}: no {name} graph in {precision}; the folder holds "
-                          f"{have} (export with --fp16 for float16 graphs)")
+        have = [entry.spec.file for entry in self.graphs]
+        what = name if layer is None else f"{name} (layer {layer})"
+        raise ExportError(f"{self.folder}: no {what} graph in {precision}; the folder holds "
+                          f"{have} (export with --fp16 for float16 graphs, and with the "
+                          "default --graphs for encode_layer)")
 
     def path(self, entry: GraphEntry) -> Path:
         return self.folder / entry.file

@@ -1,7 +1,7 @@
 """Torch modules the ONNX graphs are traced from: export-friendly twins of ``ReSAE``.
 
 They compute what :class:`resae_serve.resae.ReSAE` computes (``encode`` / ``encode_dense`` /
-``intervention_delta`` / ``decode``) with ops every runtime has: MatMul, TopK, Gather, Where.
+``intervention_deltas`` / ``decode``) with ops every runtime has: MatMul, TopK, Gather, Where.
 Differences in form, not in math: top-k values come sorted (descending); a TopK layer's code
 of a given feature is looked up among its k slots instead of in a scattered dense code; sparse
 decoding gathers decoder rows and contracts them with one batched matmul (no embedding_bag).
@@ -147,13 +147,18 @@ class EncodeGraph(_Chain):
 
 
 class InterventionGraph(_Chain):
-    """``(h_L…, (edit_feature_L, edit_op_L, edit_value_L)…) -> delta_L…``."""
+    """``(h_L…, (edit_feature_L, edit_op_L, edit_value_L)…) -> delta_L…``.
+
+    ``h_L`` is the block output layer ``L`` sees in the pass before its own edit. A
+    residualized layer reads the previous layer as this pass's edits left it,
+    ``h_{L−1} + delta_{L−1}`` (the engine's meaning; :meth:`ReSAE.intervention_deltas`)."""
 
     def forward(self, h: tuple[Tensor, ...],
                 edits: tuple[tuple[Tensor, Tensor, Tensor], ...]) -> tuple[Tensor, ...]:
         out: list[Tensor] = []
-        for i, u in enumerate(self.inputs(h)):
+        for i in range(len(self.layers)):
             block = self.block(i)
+            u = block.sae_input(h[i], h[i - 1] + out[i - 1] if i else None)
             feature, op, value = edits[i]
             indices, values, dense = block.top_k(u)
             coef = edit_coefficients(block.code_at(indices, values, dense, feature), op, value)
@@ -175,13 +180,49 @@ class DecodeGraph(_Chain):
         return tuple(out)
 
 
+class LayerEncodeGraph(nn.Module):
+    """``(h, [h_prev,] watch) -> (indices, values, watched)`` of one layer: the ``encode``
+    graph's math for that layer alone (``encode_layer``; ``h_prev`` for residualized layers).
+
+    Holds that layer's weights only, so each per-layer file carries one encoder (and its
+    affine map)."""
+
+    def __init__(self, resae: ReSAE, layer: int, precision: str = "float32") -> None:
+        super().__init__()
+        if precision not in DTYPES:
+            raise ExportError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+        if layer not in resae.layers:
+            raise ExportError(f"layer={layer!r}; the dictionary's layers are "
+                              f"{list(resae.layers)}")
+        i = resae.layers.index(layer)
+        self.layer = layer
+        self.block = LayerWeights(
+            resae.saes[i], resae.scales[i],
+            resae.affine_map(i) if resae.mode == "resae" and i > 0 else None, DTYPES[precision])
+        self.eval()
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``inputs``: ``(h, h_prev, watch)`` for a residualized layer, else ``(h, watch)``."""
+        h, watch = inputs[0], inputs[-1]
+        h_prev = inputs[1] if self.block.residualized else None
+        indices, values, dense = self.block.top_k(self.block.sae_input(h, h_prev))
+        ids = watch[None, :].expand(h.shape[0], -1)  # (N, W)
+        return indices, values, LayerWeights.code_at(indices, values, dense, ids)
+
+
 GRAPH_MODULES: dict[str, type[_Chain]] = {
     "encode": EncodeGraph, "intervention": InterventionGraph, "decode": DecodeGraph,
 }
 
 
-def graph_module(name: str, resae: ReSAE, precision: str = "float32") -> _Chain:
-    """The torch module of graph ``name`` for ``resae`` in ``precision``."""
+def graph_module(name: str, resae: ReSAE, precision: str = "float32",
+                 layer: int | None = None) -> nn.Module:
+    """The torch module of graph ``name`` for ``resae`` in ``precision`` (``layer``: of the
+    per-layer ``encode_layer`` graph)."""
+    if name == "encode_layer":
+        if layer is None:
+            raise ExportError("graph='encode_layer' needs a layer")
+        return LayerEncodeGraph(resae, layer, precision)
     if name not in GRAPH_MODULES:
         raise ExportError(f"graph={name!r}; allowed: {', '.join(GRAPHS)}")
     return GRAPH_MODULES[name](resae, precision)
@@ -189,6 +230,8 @@ def graph_module(name: str, resae: ReSAE, precision: str = "float32") -> _Chain:
 
 def nest_inputs(name: str, flat: list[Tensor], n_layers: int) -> tuple[object, ...]:
     """Flat inputs in spec order -> the argument structure of the graph module's ``forward``."""
+    if name == "encode_layer":
+        return tuple(flat)
     if name == "encode":
         return (tuple(flat[:n_layers]), tuple(flat[n_layers:]))
     if name == "intervention":

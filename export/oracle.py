@@ -1,10 +1,12 @@
 """Reference outputs of every graph, computed by the torch ``ReSAE`` (the oracle).
 
-Only the public ``ReSAE`` API is used (``encode``, ``encode_dense``, ``intervention_delta``,
+Only the public ``ReSAE`` API is used (``encode``, ``encode_dense``, ``intervention_deltas``,
 ``decode``, ``sae_input``), in float32, whatever the precision of the graph under test. Top-k
 codes are reordered by descending value, the order the graphs promise. :func:`layer_scores`
 gives what the validation needs to recognise ties: each latent's ranking score and its
-distance to the activation cut-off.
+distance to the activation cut-off. For the intervention graph a residualized layer reads the
+previous layer as the pass's edits left it (``h + δ``, :meth:`ReSAE.intervention_deltas`), so
+its scores are computed on that input too.
 """
 
 from __future__ import annotations
@@ -39,13 +41,29 @@ def _acts(resae: ReSAE, feeds: dict[str, np.ndarray]) -> dict[int, torch.Tensor]
             for L in resae.layers}
 
 
+def _tables(resae: ReSAE, feeds: dict[str, np.ndarray]) -> dict[int, EditTable]:
+    return {L: EditTable(*(torch.from_numpy(np.asarray(feeds[f"edit_{part}_{L}"]))
+                           for part in ("feature", "op", "value")))
+            for L in resae.layers}
+
+
+def _deltas(resae: ReSAE, feeds: dict[str, np.ndarray]) -> dict[int, torch.Tensor]:
+    return resae.intervention_deltas(_acts(resae, feeds), _tables(resae, feeds))
+
+
 @torch.no_grad()
-def layer_scores(resae: ReSAE, feeds: dict[str, np.ndarray]) -> dict[int, LayerScores]:
-    """Ranking scores of every layer for the activations in ``feeds``."""
+def layer_scores(resae: ReSAE, feeds: dict[str, np.ndarray],
+                 graph: str = "encode") -> dict[int, LayerScores]:
+    """Ranking scores of every layer for the activations in ``feeds``, on the inputs graph
+    ``graph`` encodes (``intervention``: the previous layer edited, ``h + δ``)."""
     acts = _acts(resae, feeds)
+    prev = acts
+    if graph == "intervention":
+        deltas = _deltas(resae, feeds)
+        prev = {L: acts[L] + deltas[L] for L in resae.layers}
     out = {}
     for i, (L, sae) in enumerate(zip(resae.layers, resae.saes, strict=True)):
-        u = resae.sae_input(i, acts[L], acts[resae.layers[i - 1]] if i else None)
+        u = resae.sae_input(i, acts[L], prev[resae.layers[i - 1]] if i else None)
         pre = sae.pre_acts(u)
         score = pre if sae.config.architecture == "topk" else sae.encode(u)
         k = sae.config.k
@@ -74,12 +92,7 @@ def oracle_outputs(name: str, resae: ReSAE, feeds: dict[str, np.ndarray]) -> dic
             out[f"values_{L}"] = values.numpy()
             out[f"watched_{L}"] = dense[L].index_select(1, watch).numpy()
     elif name == "intervention":
-        acts = _acts(resae, feeds)
-        for i, L in enumerate(resae.layers):
-            table = EditTable(*(torch.from_numpy(np.asarray(feeds[f"edit_{part}_{L}"]))
-                                for part in ("feature", "op", "value")))
-            h_prev = acts[resae.layers[i - 1]] if i else None
-            out[f"delta_{L}"] = resae.intervention_delta(L, acts[L], h_prev, table).numpy()
+        out.update({f"delta_{L}": delta.numpy() for L, delta in _deltas(resae, feeds).items()})
     else:
         codes = {L: SparseCodes(torch.from_numpy(feeds[f"indices_{L}"]),
                                 torch.from_numpy(np.asarray(feeds[f"values_{L}"], np.float32)))

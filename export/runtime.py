@@ -1,5 +1,9 @@
 """The feature runtime: encode, intervention deltas and decode behind one small interface.
 
+``encode_layer`` encodes one layer at a time with the caller's own tokens (the per-layer
+``encode_layer`` graphs): the engine's monitor runs on it
+(:mod:`resae_serve.engine.encoders`).
+
 Backends (chosen by :class:`RuntimeConfig`): ``torch`` (eager, CPU or CUDA; the graph modules
 of :mod:`export.graphs`), ``onnxruntime`` (the exported graphs; CPU, CUDA or TensorRT
 execution providers, with IO binding on GPU so tensors stay on the device) and ``tensorrt``
@@ -54,6 +58,9 @@ class RuntimeConfig:
     """onnxruntime execution provider; ``auto``: CPU on CPU, TensorRT then CUDA on a GPU."""
     threads: int = 0
     """Intra-op threads for CPU backends; 0 leaves the runtime's default."""
+    allow_spinning: bool = True
+    """onnxruntime: intra-op threads spin-wait for work between runs (its default). Off for
+    a caller that runs now and then beside other busy threads (the engine's monitor)."""
     engine_cache: Path | None = None
     """TensorRT engine folder; ``None``: ``<resae cache>/tensorrt``."""
     max_tokens: int = 4096
@@ -88,6 +95,15 @@ class EncodeOutput(NamedTuple):
     """Per layer: ``(tokens, len(watch[layer]))`` dense codes of the watched features."""
 
 
+class LayerCodes(NamedTuple):
+    """What :meth:`FeatureRuntime.encode_layer` returns."""
+
+    codes: SparseCodes
+    """``(tokens, k)`` int64 indices and values, values descending."""
+    watched: Tensor
+    """``(tokens, len(watch))`` dense codes of the watched features."""
+
+
 class FeatureRuntime(ABC):
     """Encode / intervention deltas / decode of one dictionary on one backend and device."""
 
@@ -103,8 +119,9 @@ class FeatureRuntime(ABC):
         self.dtype = FLOAT_DTYPES[precision]
 
     @abstractmethod
-    def run(self, graph: str, inputs: list[Tensor]) -> list[Tensor]:
-        """Run ``graph`` on inputs in spec order (checked, on the device); outputs in order."""
+    def run(self, graph: str, inputs: list[Tensor], layer: int | None = None) -> list[Tensor]:
+        """Run ``graph`` (of ``layer``, for ``encode_layer``) on inputs in spec order (checked,
+        on the device); outputs in order."""
 
     # ------------------------------------------------------------------ checks
 
@@ -156,10 +173,39 @@ class FeatureRuntime(ABC):
             watched[L] = seen[:, : widths[i]]
         return EncodeOutput(codes, watched)
 
+    def encode_layer(self, layer: int, h: Tensor, h_prev: Tensor | None = None,
+                     watch: Tensor | Sequence[int] = ()) -> LayerCodes:
+        """Top-k codes of one layer from its block outputs ``h`` (tokens, d_model) and, for a
+        residualized layer, the previous dictionary layer's ``h_prev`` of the same tokens; and
+        the dense codes of the feature ids ``watch`` (the ``encode_layer`` graph)."""
+        if layer not in self.layers:
+            raise InterventionError(f"layer={layer}; this dictionary has {list(self.layers)}")
+        i = self.layers.index(layer)
+        d = self.layout.d_model
+        if h.ndim != 2 or h.shape[1] != d:
+            raise InterventionError(f"h of layer {layer} has shape {tuple(h.shape)}; need "
+                                    f"(tokens, {d})")
+        inputs = [self._float(h)]
+        if self.layout.mode == "resae" and i > 0:
+            if h_prev is None or tuple(h_prev.shape) != tuple(h.shape):
+                raise InterventionError(
+                    f"layer {layer} is residualized: h_prev (the block output of layer "
+                    f"{self.layers[i - 1]}) must have the shape of h, {tuple(h.shape)}; got "
+                    f"{None if h_prev is None else tuple(h_prev.shape)}")
+            inputs.append(self._float(h_prev))
+        ids = self._ids(watch, i, "watched feature ids").reshape(-1)
+        width = len(ids)
+        if width < self.min_axis:
+            ids = torch.zeros(self.min_axis, dtype=torch.int64, device=self.device)
+        indices, values, watched = self.run("encode_layer", [*inputs, ids], layer)
+        return LayerCodes(SparseCodes(indices.long(), values), watched[:, :width])
+
     def intervention_deltas(self, acts: Mapping[int, Tensor],
                             tables: Mapping[int, EditTable]) -> dict[int, Tensor]:
         """Deltas ``{layer: (tokens, d_model)}`` for per-token edit tables (layers without a
-        table get zeros). ``acts`` are the activations each layer sees in the same pass."""
+        table get zeros). ``acts`` are the block outputs each layer sees in the same pass
+        before its own edit; a residualized layer reads the previous layer as this pass's edits
+        left it (``h + δ``; :meth:`ReSAE.intervention_deltas`)."""
         h = self._acts(acts)
         n = h[0].shape[0]
         unknown = sorted(set(tables) - set(self.layers))
@@ -240,5 +286,5 @@ def axis_sizes(specs: Sequence[object], inputs: Sequence[Tensor]) -> dict[str, i
     return sizes
 
 
-__all__ = ["BACKENDS", "EncodeOutput", "FeatureRuntime", "RuntimeConfig", "default_backend",
-           "open_runtime"]
+__all__ = ["BACKENDS", "EncodeOutput", "FeatureRuntime", "LayerCodes", "RuntimeConfig",
+           "default_backend", "open_runtime"]

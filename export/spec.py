@@ -11,30 +11,49 @@ token axis first::
     decode        indices_L [tokens, slots_L] int64, values_L [tokens, slots_L]
                   -> reconstruction_L [tokens, d_model]
 
+and one ``encode_layer`` graph per layer ``L`` (file ``encode_layer.L<L>.onnx``), what the
+``encode`` graph computes for that layer alone, for callers that encode one layer at a time
+with their own tokens (the engine's monitor)::
+
+    encode_layer  h [tokens, d_model], h_prev [tokens, d_model] (residualized layers only),
+                  watch [watch] int64  ->  indices [tokens, k] int64, values [tokens, k],
+                  watched [tokens, watch]
+
+``h_prev`` is the previous dictionary layer's block output of the same tokens.
+
 ``values_L`` are sorted in descending order; slots whose value is 0 carry an arbitrary index.
 ``watched_L`` holds the dense code (``ReSAE.encode_dense``) of the feature ids in ``watch_L``,
 an input so that each request may watch its own features (``watch_L`` may be empty). Edit op
 codes are :class:`resae_serve.interventions.EditOp`. Float tensors are float32 or float16 as
 the graph's precision says; the affine prediction, residual and scaling happen in the graph.
+
+Edits at several layers of one pass: ``h_L`` is the block output layer ``L`` sees before its
+own edit, and a residualized layer reads the previous layer **as this pass's edits left it**,
+``h_{L−1} + delta_{L−1}`` (the serving engine's meaning, :meth:`ReSAE.intervention_deltas`).
+Exports made before this was stated read the clean ``h_{L−1}``; they differ only where a
+residualized layer's clamp / scale / ablate follows an edit at the previous layer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 from .errors import ExportError
 
 Precision = Literal["float32", "float16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
-GraphName = Literal["encode", "intervention", "decode"]
+GraphName = Literal["encode", "intervention", "decode", "encode_layer"]
 GRAPHS: tuple[str, ...] = get_args(GraphName)
 
 EXPORT_MANIFEST = "export_manifest.json"
-EXPORT_SCHEMA_VERSION = 1
-"""Version of the export folder layout and of the graph I/O contract above."""
+EXPORT_SCHEMA_VERSION = 2
+"""Version of the export folder layout and of the graph I/O contract above (2: the per-layer
+``encode_layer`` graphs)."""
 MIN_OPSET = 18
 TOKENS = "tokens"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -88,11 +107,15 @@ class GraphSpec:
     opset: int
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    layer: int | None = None
+    """The dictionary layer of a per-layer graph (``encode_layer``); ``None`` for the others."""
 
     @property
     def file(self) -> str:
-        """File name inside the export folder: ``encode.onnx``, ``encode.fp16.onnx``, …"""
-        return f"{self.name}.onnx" if self.precision == "float32" else f"{self.name}.fp16.onnx"
+        """File name inside the export folder: ``encode.onnx``, ``encode.fp16.onnx``,
+        ``encode_layer.L6.onnx``, …"""
+        stem = self.name if self.layer is None else f"{self.name}.L{self.layer}"
+        return f"{stem}.onnx" if self.precision == "float32" else f"{stem}.fp16.onnx"
 
     @property
     def input_names(self) -> list[str]:
@@ -103,13 +126,44 @@ class GraphSpec:
         return [t.name for t in self.outputs]
 
 
+def graph_specs(name: str, layout: DictionaryLayout, precision: str = "float32",
+                opset: int = MIN_OPSET) -> list[GraphSpec]:
+    """The specs of graph ``name``: one per layer for ``encode_layer``, else one."""
+    if name == "encode_layer":
+        return [graph_spec(name, layout, precision, opset, layer=L) for L in layout.layers]
+    return [graph_spec(name, layout, precision, opset)]
+
+
+def layer_graph_spec(layout: DictionaryLayout, layer: int, precision: str = "float32",
+                     opset: int = MIN_OPSET) -> GraphSpec:
+    """The ``encode_layer`` spec of dictionary layer ``layer`` (see the module docstring)."""
+    if layer not in layout.layers:
+        raise ExportError(f"layer={layer!r}; the dictionary's layers are {list(layout.layers)}")
+    i = layout.layers.index(layer)
+    f, d, k = precision, layout.d_model, layout.k[i]
+    inputs = [TensorSpec("h", f, (TOKENS, d))]
+    if layout.mode == "resae" and i > 0:
+        inputs.append(TensorSpec("h_prev", f, (TOKENS, d)))
+    inputs.append(TensorSpec("watch", "int64", ("watch",)))
+    outputs = (TensorSpec("indices", "int64", (TOKENS, k)), TensorSpec("values", f, (TOKENS, k)),
+               TensorSpec("watched", f, (TOKENS, "watch")))
+    return GraphSpec("encode_layer", precision, opset, tuple(inputs), outputs,  # type: ignore[arg-type]
+                     layer=layer)
+
+
 def graph_spec(name: str, layout: DictionaryLayout, precision: str = "float32",
-               opset: int = MIN_OPSET) -> GraphSpec:
-    """The spec of graph ``name`` for a dictionary of this layout."""
+               opset: int = MIN_OPSET, layer: int | None = None) -> GraphSpec:
+    """The spec of graph ``name`` for a dictionary of this layout (``layer``: which one, for
+    the per-layer ``encode_layer`` graph)."""
     if name not in GRAPHS:
         raise ExportError(f"graph={name!r}; allowed: {', '.join(GRAPHS)}")
     if precision not in PRECISIONS:
         raise ExportError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if (name == "encode_layer") != (layer is not None):
+        raise ExportError(f"graph={name!r} with layer={layer!r}: a layer goes with "
+                          "encode_layer, and only with it")
+    if layer is not None:
+        return layer_graph_spec(layout, layer, precision, opset)
     f, d = precision, layout.d_model
     inputs: list[TensorSpec] = []
     outputs: list[TensorSpec] = []
@@ -133,6 +187,25 @@ def graph_spec(name: str, layout: DictionaryLayout, precision: str = "float32",
                        TensorSpec(f"values_{L}", f, slots)]
             outputs.append(TensorSpec(f"reconstruction_{L}", f, (TOKENS, d)))
     return GraphSpec(name, precision, opset, tuple(inputs), tuple(outputs))  # type: ignore[arg-type]
+
+
+def layer_feeds(spec: GraphSpec, layout: DictionaryLayout,
+                feeds: Mapping[str, _T]) -> dict[str, _T]:
+    """The inputs of the ``encode_layer`` graph ``spec`` taken from ``encode`` graph feeds
+    (``h_L``, ``watch_L`` and the previous layer's ``h`` as ``h_prev``), in spec order."""
+    L = spec.layer
+    if spec.name != "encode_layer" or L is None:
+        raise ExportError(f"layer_feeds needs an encode_layer spec, not {spec.name!r}")
+    i = layout.layers.index(L)
+    named = {"h": f"h_{L}", "watch": f"watch_{L}",
+             "h_prev": f"h_{layout.layers[i - 1]}" if i else ""}
+    return {name: feeds[named[name]] for name in spec.input_names}
+
+
+def layer_outputs(spec: GraphSpec, outputs: Mapping[str, _T]) -> dict[str, _T]:
+    """Outputs of an ``encode_layer`` graph under the ``encode`` graph's names
+    (``indices`` -> ``indices_L``, …)."""
+    return {f"{name}_{spec.layer}": value for name, value in outputs.items()}
 
 
 @dataclass(frozen=True)
@@ -178,7 +251,7 @@ class ExportConfig:
 
     precisions: tuple[Precision, ...] = ("float32",)
     """Graph precisions; float32 is always exported (it is the portable reference)."""
-    graphs: tuple[GraphName, ...] = ("encode", "intervention", "decode")
+    graphs: tuple[GraphName, ...] = ("encode", "intervention", "decode", "encode_layer")
     opset: int = MIN_OPSET
     """ONNX opset of the default domain (at least 18)."""
     external_data: bool | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,10 @@ from .folder import (
     read_export_manifest,
     update_manifest,
 )
-from .graphs import as_float32
+from .graphs import as_float32, dictionary_layout
 from .oracle import LayerScores, layer_scores, oracle_outputs
 from .probes import PROBES, graph_inputs
-from .spec import DEFAULT_TOLERANCES, Tolerance
+from .spec import DEFAULT_TOLERANCES, Tolerance, layer_feeds, layer_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,11 @@ class ValidationReport:
     def worst(self) -> OutputCheck:
         return worst_check(self.checks)
 
-    def of_graph(self, graph: str, precision: str) -> tuple[OutputCheck, ...]:
-        """The checks of one graph file (name and precision)."""
-        return tuple(c for c in self.checks if c.graph == graph and c.precision == precision)
+    def of_graph(self, graph: str, precision: str,
+                 layer: int | None = None) -> tuple[OutputCheck, ...]:
+        """The checks of one graph file (name and precision, and layer for a per-layer one)."""
+        return tuple(c for c in self.checks if c.graph == graph and c.precision == precision
+                     and (layer is None or c.output.rsplit("_", 1)[-1] == str(layer)))
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed,
@@ -223,9 +225,10 @@ def compare_outputs(name: str, precision: str, probe: str, resae: ReSAE,
                     tol: Tolerance) -> list[OutputCheck]:
     """Compare a graph's outputs ``ours`` on ``feeds`` with the oracle's."""
     ref = oracle_outputs(name, resae, feeds)
-    scores = layer_scores(resae, feeds) if name in ("encode", "intervention") else {}
+    scores = layer_scores(resae, feeds, name) if name in ("encode", "intervention") else {}
     tokens = len(next(iter(ref.values())))
     checks: list[OutputCheck] = []
+    upstream: np.ndarray = np.zeros(tokens, dtype=bool)
     for L, sae in zip(resae.layers, resae.saes, strict=True):
         skip: np.ndarray = np.zeros(tokens, dtype=bool)
         outputs = [f"reconstruction_{L}"]
@@ -239,11 +242,14 @@ def compare_outputs(name: str, precision: str, probe: str, resae: ReSAE,
             checks.append(check)
             outputs = [f"values_{L}", f"watched_{L}"]
         elif name == "intervention":
-            # Leave out tokens whose edits read a code that sits at a tie.
+            # Leave out tokens whose edits read a code that sits at a tie, here or upstream
+            # (a residualized layer reads the previous layer's edited output).
             feature, op = feeds[f"edit_feature_{L}"], feeds[f"edit_op_{L}"]
             reads_code = np.isin(op, [EditOp.CLAMP, EditOp.SCALE, EditOp.ABLATE])
             at_tie = np.take_along_axis(_near_boundary(s, window), feature, axis=1)
             skip = np.asarray((at_tie & reads_code).any(axis=1))
+            if resae.mode == "resae":
+                skip = upstream = skip | upstream
             outputs = [f"delta_{L}"]
         checks += [_values_check(name, precision, probe, out, ours[out], ref[out], tol, skip)
                    for out in outputs]
@@ -286,6 +292,11 @@ def validate_graph(manifest: ExportManifest, entry: GraphEntry, resae: ReSAE, *,
         runs.append(("real", real_acts))
     for n, (probe, acts) in enumerate(runs):
         count = (tokens or PROBE_TOKENS).get(probe, 64)
+        if entry.spec.name == "encode_layer":
+            checks += _check_layer_graph(entry, session, resae, probe, tolerance,
+                                         graph_inputs("encode", resae, probe, count,
+                                                      seed + 100 * n, acts))
+            continue
         feeds = graph_inputs(entry.spec.name, resae, probe, count, seed + 100 * n, acts)
         run_feeds = {k: v.astype(dtypes[k]) for k, v in feeds.items()}
         values = session.run(entry.spec.output_names, run_feeds)
@@ -293,6 +304,22 @@ def validate_graph(manifest: ExportManifest, entry: GraphEntry, resae: ReSAE, *,
         checks += compare_outputs(entry.spec.name, entry.spec.precision, probe, resae, feeds,
                                   ours, tolerance)
     return checks
+
+
+def _check_layer_graph(entry: GraphEntry, session: Any, resae: ReSAE, probe: str,
+                       tolerance: Tolerance, feeds: dict[str, np.ndarray]) -> list[OutputCheck]:
+    """An ``encode_layer`` graph on the ``encode`` graph's feeds, judged as the ``encode``
+    graph's outputs of its layer (the other layers are filled with the oracle's own)."""
+    spec = entry.spec
+    dtypes = {t.name: t.dtype for t in spec.inputs}
+    layer_in = layer_feeds(spec, dictionary_layout(resae), feeds)
+    values = session.run(spec.output_names, {k: v.astype(dtypes[k]) for k, v in layer_in.items()})
+    ours = {**oracle_outputs("encode", resae, feeds),
+            **layer_outputs(spec, dict(zip(spec.output_names, values, strict=True)))}
+    mine = {f"{name}_{spec.layer}" for name in spec.output_names}
+    return [replace(c, graph=spec.name) for c in
+            compare_outputs("encode", spec.precision, probe, resae, feeds, ours, tolerance)
+            if c.output in mine]
 
 
 def validate_export(export_dir: Path, resae: ReSAE | None = None, *,

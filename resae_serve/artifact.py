@@ -3,7 +3,8 @@
 
     manifest.json           schema version, model identity + fingerprint, hook semantics, mode,
                             layers, d_model, scales, per-layer SAE configs, affine fit summary,
-                            training summary, SHA-256 of every tensor file
+                            training summary, training context (how training read text:
+                            :mod:`resae_serve.context`), SHA-256 of every tensor file
     sae.<layer>.safetensors W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec[, threshold]
     affine.safetensors      A.<layer> [d, d], c.<layer> [d] into each residualized layer
 
@@ -27,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from resae_serve import __version__
 from resae_serve.cache import atomic_folder, sha256_file
+from resae_serve.context import ContextError, TrainingContext
 from resae_serve.errors import ResaeError
 from resae_serve.resae import MODES, ReSAE
 from resae_serve.saes import SAEConfig, sae_from_tensors
@@ -77,6 +79,9 @@ class Manifest:
     affine: tuple[dict[str, Any], ...] = ()
     training: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    context: TrainingContext = field(default_factory=TrainingContext.unknown)
+    """How training read text; :meth:`TrainingContext.unknown` when the manifest has no
+    ``training_context`` (older manifests): the first-position rule only."""
 
 
 def _sae_file(layer: int) -> str:
@@ -86,10 +91,17 @@ def _sae_file(layer: int) -> str:
 def save_artifact(
     resae: ReSAE, folder: Path, model: ModelIdentity, *,
     affine_summary: list[dict[str, Any]] | None = None, training: dict[str, Any] | None = None,
+    context: TrainingContext | None = None,
 ) -> Path:
-    """Write ``resae`` as a dictionary folder (atomically replacing ``folder``)."""
+    """Write ``resae`` as a dictionary folder (atomically replacing ``folder``); ``context``
+    (default :meth:`TrainingContext.unknown`) records how training read text."""
     if resae.d_model != model.d_model:
         raise ArtifactError(f"ReSAE d_model={resae.d_model} but model d_model={model.d_model}")
+    context = context or TrainingContext.unknown()
+    try:
+        context.check_layers(len(resae.layers), str(folder))
+    except ContextError as exc:
+        raise ArtifactError(str(exc)) from exc
     with atomic_folder(folder) as tmp:
         files: dict[str, str] = {}
         saes = []
@@ -123,6 +135,7 @@ def save_artifact(
             "saes": saes,
             "affine": affine_summary or [],
             "training": training or {},
+            "training_context": context.to_dict(),
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -233,9 +246,14 @@ def read_manifest(folder: Path) -> Manifest:
         identity = ModelIdentity(**model)
     except TypeError as exc:
         raise ArtifactError(f"{path}: field 'model' is invalid: {exc}") from exc
+    try:
+        context = TrainingContext.from_dict(raw.get("training_context"))
+        context.check_layers(len(layers), str(path))
+    except ContextError as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
     return Manifest(identity, mode, layers, d_model, scales, tuple(configs),
                     tuple(raw.get("affine", [])), dict(raw.get("training", {})),
-                    raw["schema_version"])
+                    raw["schema_version"], context)
 
 
 def _load_tensors(path: Path, recorded: str | None) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from resae_serve.affine import AffineFit, AffineStats, ScaleStats, fit_affine
 from resae_serve.artifact import ModelIdentity, read_manifest, save_artifact
 from resae_serve.cache import atomic_folder, cache_dir
 from resae_serve.capture import DTYPES, CaptureConfig, capture_activations
+from resae_serve.context import TrainingContext, median_norms
 from resae_serve.corpus import Split, load_documents
 from resae_serve.errors import ResaeError
 from resae_serve.fingerprint import model_fingerprint
@@ -129,6 +130,9 @@ class Calibration:
     affine: list[tuple[torch.Tensor, torch.Tensor] | None] | None
     fits: list[dict[str, Any]]
     init_sample: torch.Tensor
+    reference_norms: tuple[float, ...] = ()
+    """Median token norm per layer on the calibration tokens (the serving outlier rule's
+    reference, :mod:`resae_serve.context`)."""
 
 
 def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int, *,
@@ -142,6 +146,7 @@ def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int
     held_stats: list[AffineStats] = []
     seen = 0
     sample: list[torch.Tensor] = []
+    norms: list[torch.Tensor] = []                                     # (n, n_layers) each
     for acts in rebatch(stream, 4096):
         if seen >= n_tokens:
             break
@@ -152,6 +157,7 @@ def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int
             held_stats = [AffineStats(d, d, device) for _ in range(n_layers)]
         if len(sample) < 2:
             sample.append(acts)
+        norms.append(acts.norm(dim=-1).cpu())
         fit_part, held_part = acts[: max(n_fit - seen, 0)], acts[max(n_fit - seen, 0):]
         for i in range(n_layers):
             scale_stats[i].update(acts[:, i])
@@ -163,8 +169,9 @@ def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int
     if seen < n_tokens:
         raise ValueError(f"calibration needs {n_tokens} tokens; the stream gave {seen}")
     rms = [s.rms for s in scale_stats]
+    reference = median_norms(torch.cat(norms))
     if config.mode == "layerwise":
-        return Calibration(rms, None, [], torch.cat(sample))
+        return Calibration(rms, None, [], torch.cat(sample), reference)
     fits: list[AffineFit] = [fit_affine(fit_stats[i], held_stats[i]) for i in range(1, n_layers)]
     scales = [rms[0]] + [fit.sigma for fit in fits]
     affine: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
@@ -174,7 +181,7 @@ def calibrate(config: TrainConfig, stream: Iterator[torch.Tensor], n_tokens: int
     for row in summary:
         logger.info("affine %d -> %d: R2 %.4f, sigma %.3f, lambda %.3g", row["from_layer"],
                     row["layer"], row["r2"], row["sigma"], row["lambda"])
-    return Calibration(scales, affine, summary, torch.cat(sample))
+    return Calibration(scales, affine, summary, torch.cat(sample), reference)
 
 
 @torch.no_grad()
@@ -241,7 +248,12 @@ def train_dictionary(
     summary = {"train_config": asdict(config), "data_config": asdict(data),
                "device": str(device), "tokens_seen": trainer.tokens_seen,
                "steps": trainer.step, "eval": {str(k): v for k, v in metrics.items()}}
-    save_artifact(resae, out, identity, affine_summary=calibration.fits, training=summary)
+    # as cached_activations captures (CaptureConfig's defaults: BOS first, its position dropped)
+    capture_defaults = CaptureConfig(layers=config.layers)
+    context = TrainingContext(capture_defaults.prepend_bos, capture_defaults.skip_bos,
+                              data.outlier_norm_ratio, calibration.reference_norms)
+    save_artifact(resae, out, identity, affine_summary=calibration.fits, training=summary,
+                  context=context)
     (out / "training_history.json").write_text(json.dumps(trainer.history) + "\n")
     plot_history(trainer.history, config.layers, out / "training_curves.png",
                  title=f"{config.mode} · {config.architecture} k={config.k} · {data.model}")

@@ -171,8 +171,12 @@ class ReSAE(nn.Module):
     ) -> torch.Tensor:
         """Delta ``(N, d)`` to add to ``h`` at ``layer`` for the per-token edit table.
 
-        ``h_prev`` is the previous dictionary layer's activation in the same pass (needed in
-        resae mode for clamp / scale / ablate, which read the feature's current value).
+        ``h`` is the block output as the pass carries it into ``layer`` (before this layer's
+        own edits). ``h_prev`` is the previous dictionary layer's block output in the same pass
+        **as this pass's edits left it** (``h_{m−1} + δ_{m−1}``, what the stream actually
+        carried; needed in resae mode for clamp / scale / ablate, which read the feature's
+        current value). The serving engine reads it that way; :meth:`intervention_deltas`
+        chains the layers so.
         """
         i = self.index(layer)
         sae = self.saes[i]
@@ -183,3 +187,33 @@ class ReSAE(nn.Module):
                                     f"0..{sae.config.d_sae - 1}")
         z = sae.encode(self.sae_input(i, h, h_prev))
         return feature_delta(z, sae.W_dec, self.scales[i].to(h.dtype), table)
+
+    def intervention_deltas(
+        self, acts: Mapping[int, torch.Tensor], tables: Mapping[int, EditTable]
+    ) -> dict[int, torch.Tensor]:
+        """Deltas ``{layer: (N, d)}`` of one pass with edits at several layers (zeros where
+        ``tables`` has no entry), the meaning every backend shares.
+
+        ``acts[layer]`` is the block output each layer sees in the pass before its own edit
+        (upstream edits already carried forward by the transformer). A residualized layer
+        reads the previous dictionary layer as this pass's edits left it,
+        ``acts[prev] + δ[prev]``; only the layer's own delta is returned (the transformer
+        carries it forward; adding ``A δ`` downstream as well would count it twice).
+        """
+        unknown = sorted(set(tables) - set(self.layers))
+        if unknown:
+            raise InterventionError(f"edit tables name layers {unknown}; this dictionary has "
+                                    f"{list(self.layers)}")
+        missing = [layer for layer in self.layers if layer not in acts]
+        if missing:
+            raise InterventionError(f"activations for layers {missing} are missing; "
+                                    f"this dictionary needs {list(self.layers)}")
+        out: dict[int, torch.Tensor] = {}
+        edited: torch.Tensor | None = None
+        for layer in self.layers:
+            h = acts[layer]
+            table = tables.get(layer)
+            out[layer] = (self.intervention_delta(layer, h, edited, table) if table is not None
+                          else torch.zeros_like(h))
+            edited = h + out[layer]
+        return out

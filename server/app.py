@@ -42,8 +42,11 @@ from resae_serve.server.config import (
     MAX_BACKOFF_S,
     ServerConfig,
     check_dictionary,
+    check_export,
     check_memory,
+    check_runtime,
     with_model_defaults,
+    with_served_folders,
 )
 from resae_serve.server.errors import ErrorInterceptor
 from resae_serve.server.http import HttpFrontend
@@ -77,7 +80,8 @@ async def build_engine(config: ServerConfig) -> tuple[ServingEngine, bool]:
                                      max_configs=e.max_configs, kv_cache_bytes=plan.kv_cache,
                                      max_model_len=e.max_model_len, max_num_seqs=e.max_num_seqs,
                                      enforce_eager=e.enforce_eager, dtype=e.dtype,
-                                     op_mode=e.op_mode, **extra)
+                                     op_mode=e.op_mode, runtime=e.runtime,
+                                     export=config.export, **extra)
     return engine, True
 
 
@@ -135,8 +139,10 @@ class ResaeServer:
             return
         await self._adopt(engine, owned)
         self.ready.set()
-        logger.info("engine ready: serving %s with dictionary %s", self.config.model,
-                    self.config.dictionary)
+        runtime = self.service.runtime_info()
+        logger.info("engine ready: serving %s with dictionary %s; features computed by %s%s",
+                    self.config.model, self.config.dictionary, runtime.backend,
+                    f" ({runtime.provider})" if runtime.provider else "")
         self._tasks.append(asyncio.create_task(self._watchdog()))
 
     async def _build(self) -> tuple[ServingEngine, bool]:
@@ -153,6 +159,8 @@ class ResaeServer:
         """Serve with ``engine`` from now on: new calls reach it, health turns SERVING."""
         self.engine, self.owns_engine = engine, owned
         self.service.attach(engine)
+        runtime = self.service.runtime_info()
+        self.metrics.set_feature_runtime(runtime.backend, runtime.provider)
         self.metrics.track_configs(lambda: engine.resident_configs)
         if self.http is not None:                 # a new vLLM app for every engine
             await self.http.attach(engine)
@@ -302,8 +310,12 @@ def _catalog(folder: Path) -> Catalog | None:
 
 async def create_server(config: ServerConfig, *, engine_factory: EngineFactory = build_engine,
                         manifest: Manifest | None = None) -> tuple[ResaeServer, int]:
-    """A bound, not yet started server and its port (refuses a mismatched dictionary)."""
+    """A bound, not yet started server and its port (refuses a mismatched dictionary, or a
+    feature runtime that cannot run here)."""
+    config = with_served_folders(config)
+    check_runtime(config)
     manifest = manifest or check_dictionary(config)
+    check_export(config)
     config = with_model_defaults(config)
     if engine_factory is build_engine:      # refuse now what would not fit
         logger.info("memory: %s", check_memory(config).describe())

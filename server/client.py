@@ -92,13 +92,16 @@ def vector(layer: int, values: Iterable[float], phase: str = "all") -> pb.Interv
 
 
 def monitor(layers: Iterable[int], top_k: int = 0, watch: Iterable[int] = (),
-            thresholds: Iterable[tuple[int, int, float]] = ()) -> pb.MonitorRequest:
+            thresholds: Iterable[tuple[int, int, float]] = (), *,
+            include_out_of_distribution: bool = False) -> pb.MonitorRequest:
     """Report the ``top_k`` features and the ``watch`` codes of every token at ``layers``;
-    ``thresholds`` are (layer, feature, value) events."""
+    ``thresholds`` are (layer, feature, value) events, skipped at positions outside the
+    dictionary's training distribution unless ``include_out_of_distribution``."""
     return pb.MonitorRequest(
         layers=list(layers), top_k=top_k, watch=list(watch),
         thresholds=[pb.Threshold(layer=layer, feature=feature, value=_finite("threshold", v))
-                    for layer, feature, v in thresholds])
+                    for layer, feature, v in thresholds],
+        include_out_of_distribution=include_out_of_distribution)
 
 
 def make_input(prompt: str | None = None, chat: ChatTurns | None = None,

@@ -66,6 +66,7 @@ MAX_BACKOFF_S = 60.0
 """Longest wait between two engine rebuild attempts."""
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 OP_MODES = ("graph", "split")   # resae_serve.engine.llm.OP_MODES (no vLLM import here)
+RUNTIMES = ("auto", "torch", "onnxruntime", "tensorrt")  # engine.runtime_choice.RUNTIMES
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,11 @@ class EngineSettings:
     op_mode: str = "graph"
     """GPU only: how the op meets vLLM's CUDA graphs, ``graph`` (captured with the forward) or
     ``split`` (runs between captured pieces); see ``resae_serve.engine.llm.compilation_config``."""
+    runtime: str = "auto"
+    """The feature runtime the monitor encodes with: ``auto`` (onnxruntime on a CPU host;
+    TensorRT or onnxruntime's GPU providers on a GPU host when installed, else torch), ``torch``,
+    ``onnxruntime`` or ``tensorrt`` (see ``resae_serve.engine.runtime_choice``). Steering
+    always runs in the compiled torch graph."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_model_len", "max_configs", "tensor_parallel_size"):
@@ -114,6 +120,9 @@ class EngineSettings:
                                     f"{', '.join(OP_MODES)}")
         if self.dtype not in DTYPES:
             raise ServerConfigError(f"engine.dtype={self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        if self.runtime not in RUNTIMES:
+            raise ServerConfigError(f"engine.runtime={self.runtime!r} (--runtime); allowed: "
+                                    f"{', '.join(RUNTIMES)}")
 
 
 @dataclass(frozen=True)
@@ -121,7 +130,12 @@ class ServerConfig:
     """Everything ``resae serve`` needs."""
 
     dictionary: Path
-    """Dictionary folder (``resae train`` output; ``features.json`` enables the catalog RPCs)."""
+    """Dictionary folder (``resae train`` output; ``features.json`` enables the catalog RPCs),
+    or an export folder (``resae export`` output), which serves the dictionary its manifest
+    names (:func:`with_served_folders`)."""
+    export: Path | None = None
+    """Export folder of the dictionary for the ONNX runtimes (checked against it); None: the
+    cached export, built on first use (``<resae cache>/exports/``)."""
     model: str = "smollm2-135m"
     """Embedded model name or local Hugging Face folder."""
     host: str = "127.0.0.1"
@@ -185,7 +199,7 @@ class ServerConfig:
         return self.tls_cert_file is not None
 
 
-_PATHS = {"dictionary", "auth_token_file", "tls_cert_file", "tls_key_file",
+_PATHS = {"dictionary", "export", "auth_token_file", "tls_cert_file", "tls_key_file",
           "tls_client_ca_file"}
 
 
@@ -273,6 +287,53 @@ def with_model_defaults(config: ServerConfig) -> ServerConfig:
                                 "(--max-model-len)")
     logger.info("max_model_len %d (the model's own limit)", limit)
     return replace(config, engine=replace(config.engine, max_model_len=limit))
+
+
+def with_served_folders(config: ServerConfig) -> ServerConfig:
+    """``config`` with ``dictionary`` an export folder resolved: the dictionary its manifest
+    names becomes ``dictionary`` and the folder ``export`` (checked by fingerprint when the
+    engine starts)."""
+    from resae_serve.engine.runtime_choice import served_folders
+    from resae_serve.export.errors import ExportError
+
+    try:
+        dictionary, export = served_folders(Path(config.dictionary))
+    except (ExportError, ValueError) as exc:
+        raise ServerConfigError(f"dictionary={config.dictionary}: {exc}") from exc
+    if export is None:
+        return config
+    if config.export is not None and Path(config.export).resolve() != export.resolve():
+        raise ServerConfigError(f"dictionary={config.dictionary} is an export folder, and "
+                                f"export={config.export} names another; give one of them")
+    logger.info("serving the export %s of dictionary %s", export, dictionary)
+    return replace(config, dictionary=dictionary, export=export)
+
+
+def check_runtime(config: ServerConfig, *, cuda: bool | None = None) -> str:
+    """Refuse an ``engine.runtime`` that cannot run on this host, naming ``--runtime`` and
+    what is allowed; returns the runtime it means here (``auto`` resolved)."""
+    from resae_serve.engine.runtime_choice import RuntimeUnavailableError, choose_runtime
+
+    try:
+        return choose_runtime(config.engine.runtime, cuda=on_gpu() if cuda is None else cuda,
+                              log=False).backend     # the engine's start logs the choice
+    except RuntimeUnavailableError as exc:
+        raise ServerConfigError(str(exc)) from exc
+
+
+def check_export(config: ServerConfig) -> None:
+    """Refuse an export folder given to serve (``export``) whose layout or fingerprint do not
+    match the dictionary, naming the field, before the engine starts. (A cached export is
+    checked, or built, when the engine starts.)"""
+    if config.export is None or check_runtime(config) == "torch":
+        return
+    from resae_serve.engine.runtime_choice import prepare_export
+    from resae_serve.export.errors import ExportError
+
+    try:
+        prepare_export(Path(config.dictionary), Path(config.export))
+    except ExportError as exc:
+        raise ServerConfigError(f"export={config.export}: {exc}") from exc
 
 
 def check_dictionary(config: ServerConfig) -> Manifest:

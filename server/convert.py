@@ -200,7 +200,7 @@ def monitor_spec(message: pb.MonitorRequest, limits: Limits, *, raw: bool = Fals
         Threshold(t.layer, t.feature, _finite(t.value, f"monitor.thresholds[{i}].value"))
         for i, t in enumerate(message.thresholds))
     return MonitorSpec(tuple(message.layers), message.top_k, tuple(message.watch), raw,
-                       thresholds)
+                       thresholds, message.include_out_of_distribution)
 
 
 _ENUM_TYPE = re.compile(r"for enum type resae\.v1\.(\w+)")
@@ -253,10 +253,14 @@ def token_messages(ids: Sequence[int], start: int, tokenizer: Any) -> list[pb.To
 
 
 def feature_messages(features: Sequence[TokenFeatures]) -> list[pb.TokenFeatures]:
+    """``TokenFeatures`` messages; the out-of-distribution code maps to the enum of the same
+    number (:class:`~resae_serve.context.OutOfDistribution`)."""
     return [pb.TokenFeatures(position=f.position, layer=f.layer,
                              top=[pb.FeatureValue(feature=i, value=v)
                                   for i, v in zip(f.top_ids, f.top_values, strict=True)],
-                             watch=list(f.watch))
+                             watch=list(f.watch),
+                             out_of_distribution=bool(f.out_of_distribution),
+                             out_of_distribution_reason=f.out_of_distribution)
             for f in features]
 
 

@@ -1,9 +1,14 @@
-"""The end-to-end demo of ``make demo``: serve a dictionary, steer and watch it over gRPC.
+"""The end-to-end demo of ``make demo``: serve a dictionary's ONNX export, steer and watch it.
 
-Starts ``resae serve`` as a child process (its log goes to ``<dictionary>.server.log``), waits
-for the gRPC health service to report SERVING, then from the client SDK:
+Makes sure the export folder (``--export``, e.g. ``runs/demo-resae.onnx``) holds the current
+dictionary in the current export format (exports and validates it again when not), starts
+``resae serve EXPORT`` as a child process (its log goes to ``<dictionary>.server.log``): the
+server runs the dictionary the export names, and its monitor encodes features through the
+export on onnxruntime (``--runtime auto`` on a CPU host). It waits for the gRPC health service
+to report SERVING, then from the client SDK:
 
-1. describes the served dictionary;
+1. describes the served dictionary and says which runtime computes the features (GetDictionary's
+   ``backend``);
 2. searches the feature catalog for a text about weddings and picks the feature most active
    on it (the largest mean code among the top hits);
 3. completes the same prompt greedily without and with that feature added (side by side);
@@ -76,12 +81,34 @@ def _section(title: str) -> None:
     sys.stdout.write(f"\n=== {title} ===\n")
 
 
+def ensure_export(dictionary: Path, export: Path) -> Path:
+    """``export``, exported (and validated) from ``dictionary`` again unless it already holds
+    this dictionary in this resae-serve's export format."""
+    from resae_serve.engine.runtime_choice import prepare_export
+    from resae_serve.export.convert import export_artifact
+    from resae_serve.export.errors import ExportError
+    from resae_serve.export.validate import validate_export
+
+    try:
+        return prepare_export(dictionary, export)
+    except ExportError as exc:
+        logger.info("exporting %s to %s (%s)", dictionary, export,
+                    "not there yet" if not export.exists() else exc)
+    export_artifact(dictionary, export)
+    report = validate_export(export)
+    logger.info("exported and validated %s: %d checks passed", export, len(report.checks))
+    return export
+
+
 def run_demo(client: ResaeClient, *, width: int, steer_value: float, max_tokens: int,
              http_port: int | None = None, model: str = "smollm2-135m") -> None:
     """The client half of the demo (needs a SERVING server with a feature catalog; with
     ``http_port``, its OpenAI-compatible HTTP API too)."""
     _section("served dictionary (GetDictionary)")
-    sys.stdout.write(dictionary_text(client.get_dictionary()) + "\n")
+    described = client.get_dictionary()
+    sys.stdout.write(dictionary_text(described) + "\n")
+    sys.stdout.write(f"features are computed by: {described.backend} (the server's feature "
+                     "runtime; steering runs in the compiled torch graph)\n")
 
     _section("feature search (SearchFeatures)")
     hits = list(client.search_features(SEARCH_TEXT, top=6).hits)
@@ -129,6 +156,9 @@ def run_demo(client: ResaeClient, *, width: int, steer_value: float, max_tokens:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dictionary", type=Path, help="dictionary folder with features.json")
+    parser.add_argument("--export", type=Path,
+                        help="export folder to serve (exported from the dictionary when "
+                             "missing or stale); default: serve the dictionary folder")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0 = a free one)")
     parser.add_argument("--steer-value", type=float, default=8.0)
@@ -141,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     http_port = _free_port()
     target = f"127.0.0.1:{port}"
     log = args.dictionary.with_name(args.dictionary.name + ".server.log")
-    command = [sys.executable, "-m", "resae_serve", "serve", str(args.dictionary),
+    served = args.dictionary
+    if args.export is not None:
+        served = ensure_export(args.dictionary, args.export)
+    command = [sys.executable, "-m", "resae_serve", "serve", str(served),
                "--model", args.model, "--port", str(port), "--metrics-port", "-1",
                "--http-port", str(http_port),
                "--max-num-seqs", "8", "--grace", "10"]

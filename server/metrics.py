@@ -91,6 +91,12 @@ class ServerMetrics:
             "resae_engine_restarts",
             "Engine rebuild attempts after the engine died, by outcome (ok, failed).",
             labelnames=("outcome",), registry=self.registry)
+        self.feature_runtime = Gauge(
+            "resae_feature_runtime_info",
+            "1 for the feature runtime the engine's monitor encodes with (backend: torch, "
+            "onnxruntime or tensorrt; provider: onnxruntime's execution provider), as the "
+            "worker reports it; no series before the engine has loaded.",
+            labelnames=("backend", "provider"), registry=self.registry)
         for protocol in PROTOCOLS:             # every series exists, at 0, from the start
             self.generated_tokens.labels(protocol=protocol)
             self.active_streams.labels(protocol=protocol)
@@ -118,6 +124,11 @@ class ServerMetrics:
         with self._lock:
             self._token_times.append((now, n))
             self._prune(now)
+
+    def set_feature_runtime(self, backend: str, provider: str = "") -> None:
+        """Report the feature runtime in use (the one series of ``resae_feature_runtime_info``)."""
+        self.feature_runtime.clear()
+        self.feature_runtime.labels(backend=backend, provider=provider).set(1)
 
     def track_configs(self, fn: Callable[[], int]) -> None:
         """Report ``fn()`` (steering configs in use) as ``resae_steering_configs_in_use``."""

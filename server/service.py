@@ -19,16 +19,20 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 
 from resae_serve.artifact import Manifest
 from resae_serve.catalog import Catalog, FeatureInfo
+from resae_serve.engine.rpc import FeatureRuntimeInfo
 from resae_serve.engine.serving import GenerationChunk, ServingEngine, TokenFeatures
 from resae_serve.engine.spec import MonitorSpec, SamplingSpec
 from resae_serve.evaluation.search import codes_from_activations, rank_features, text_token_ids
+from resae_serve.export.runtime import FeatureRuntime
 from resae_serve.resae import ReSAE
 from resae_serve.server import convert
 from resae_serve.server.config import ServerConfig
@@ -69,11 +73,45 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         self.active_streams = 0
         self._resae: ReSAE | None = None
         self._resae_lock = threading.Lock()
+        self._runtime: FeatureRuntime | None = None
+        self._runtime_key: FeatureRuntimeInfo | None = None
+        self._runtime_lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
 
     def attach(self, engine: ServingEngine) -> None:
         self.engine, self.failure = engine, None
+
+    def runtime_info(self) -> FeatureRuntimeInfo:
+        """The feature runtime the engine's monitor encodes with, as its worker reports it
+        (``torch`` for an engine that does not say, e.g. a test fake)."""
+        info = getattr(self.engine, "feature_runtime", None)
+        return info if isinstance(info, FeatureRuntimeInfo) else FeatureRuntimeInfo("torch")
+
+    def feature_runtime(self) -> FeatureRuntime:
+        """A feature runtime in this (front-end) process on the backend and export the
+        engine's monitor uses, opened on first use: for encodes outside the engine (e.g.
+        SearchFeatures' re-encode of raw activations), so they run what the monitor runs.
+        Torch runs the dictionary itself."""
+        info = self.runtime_info()
+        with self._runtime_lock:
+            if self._runtime is None or self._runtime_key != info:
+                from resae_serve.export.runtime import RuntimeConfig, open_runtime
+
+                if info.backend == "torch" or not info.export:
+                    from resae_serve.export.backend_torch import TorchRuntime
+
+                    self._runtime = TorchRuntime(self._dictionary(),
+                                                 RuntimeConfig(backend="torch"))
+                else:
+                    # the monitor's thread settings: the engine holds the other cores
+                    self._runtime = open_runtime(Path(info.export), RuntimeConfig(
+                        backend=info.backend,
+                        provider=info.provider or "auto",
+                        device="cpu" if info.provider in ("", "cpu") else "cuda",
+                        threads=info.threads, allow_spinning=False))
+                self._runtime_key = info
+            return self._runtime
 
     def fail(self, reason: str) -> None:
         """Mark the engine unusable: every later call ends UNAVAILABLE with ``reason``."""
@@ -226,7 +264,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         catalog_layers = set(self.catalog.layers) if self.catalog else set()
         return pb.GetDictionaryResponse(
             model=m.model.name, model_fingerprint=m.model.fingerprint, d_model=m.d_model,
-            mode=m.mode, schema_version=m.schema_version, backend="torch",
+            mode=m.mode, schema_version=m.schema_version, backend=self.runtime_info().backend,
             layers=[pb.DictionaryLayer(layer=layer, d_sae=c.d_sae, architecture=c.architecture,
                                        k=c.k or 0, scale=s, has_catalog=layer in catalog_layers)
                     for layer, c, s in zip(m.layers, m.sae_configs, m.scales, strict=True)],
@@ -293,24 +331,34 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                                    for t, v in h.fires_on])
             for h in hits])
 
-    def _rank(self, ids: list[int], features: list[TokenFeatures], catalog: Catalog, top: int,
-              layers: tuple[int, ...] | None) -> list[Any]:
+    def _dictionary(self) -> ReSAE:
+        """The served dictionary in this process, loaded on first use (once)."""
         with self._resae_lock:
             if self._resae is None:
                 from resae_serve.artifact import load_artifact
 
                 self._resae = load_artifact(self.config.dictionary)[0].eval()
-        by_layer: dict[int, list[tuple[int, tuple[float, ...]]]] = {}
+            return self._resae
+
+    def _rank(self, ids: list[int], features: list[TokenFeatures], catalog: Catalog, top: int,
+              layers: tuple[int, ...] | None) -> list[Any]:
+        resae = self._dictionary()
+        by_layer: dict[int, list[tuple[int, tuple[float, ...], int]]] = {}
         for f in features:
-            by_layer.setdefault(f.layer, []).append((f.position, f.raw))
-        acts = []
+            by_layer.setdefault(f.layer, []).append((f.position, f.raw, f.out_of_distribution))
+        acts, reasons = [], []
         for layer in self.manifest.layers:
             rows = sorted(by_layer.get(layer, ()))
             if len(rows) != len(ids):
                 raise RuntimeError(f"engine returned {len(rows)} activations of layer {layer} "
                                    f"for {len(ids)} tokens")
-            acts.append(torch.tensor([r for _, r in rows], dtype=torch.float32))
-        encoded = codes_from_activations(self._resae, self.tokenizer, ids, acts)
+            acts.append(torch.tensor([r for _, r, _ in rows], dtype=torch.float32))
+            reasons.append(np.array([ood for _, _, ood in rows]))
+        # the monitor's own flags: search scores exactly the positions Inspect reports unflagged
+        # encoded by the runtime the monitor uses (the export on onnxruntime), torch otherwise
+        runtime = None if self.runtime_info().backend == "torch" else self.feature_runtime()
+        encoded = codes_from_activations(resae, self.tokenizer, ids, acts, reasons=reasons,
+                                         runtime=runtime)
         return rank_features(encoded, catalog, top=top, layers=layers)
 
 

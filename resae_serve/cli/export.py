@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``resae export``."""
     p = subparsers.add_parser(
         "export", help="export a dictionary to ONNX graphs (and TensorRT engines)",
-        description="Write encode / intervention / decode ONNX graphs (dynamo exporter, dynamic "
+        description="Write encode / intervention / decode ONNX graphs and one encode_layer "
+        "graph per layer (what `resae serve` monitors with; dynamo exporter, dynamic "
         "token axis, named inputs and outputs) of the dictionary in DIR into EXPORT_DIR with an "
         "export_manifest.json and reference outputs. --check compares every graph with the "
         "torch ReSAE through onnxruntime and fails (exit 2) on a parity error.",
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.check_acts else None)
         report = validate_export(args.out, real_acts=real, strict=False)
         lines.append("parity vs torch ReSAE (onnxruntime CPU), worst per graph:")
-        lines += [f"  {g.file:24s} {summarize(report.of_graph(g.spec.name, g.spec.precision))}"
+        lines += [f"  {g.file:24s} "
+                  f"{summarize(report.of_graph(g.spec.name, g.spec.precision, g.spec.layer))}"
                   for g in manifest.graphs]
         if not report.passed:  # the summary first, then the one-line reason (exit 2)
             sys.stdout.write("\n".join(lines) + "\n")

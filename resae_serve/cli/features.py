@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     layers = None if args.layer is None else (args.layer,)
     hits = search_features(dictionary.resae, model, tokenizer, catalog, args.search,
-                           top=args.top, layers=layers)
+                           top=args.top, layers=layers, context=dictionary.manifest.context)
     lines = [f"features most active on {args.search!r} relative to their held-out average:",
              f"{'layer':>5} {'feature':>7} {'lift':>8} {'on text':>8} {'average':>8}  "
              "fires on / promotes / label"]

@@ -35,7 +35,8 @@ def token_table(tokens: Sequence[pb.Token], features: Iterable[pb.TokenFeatures]
                 labels: Labels | None = None, prompt_length: int | None = None) -> str:
     """One row per token and monitored layer: the top features (and ``watch`` codes, in
     MonitorRequest.watch order). A rule marks the first generated token when
-    ``prompt_length`` is given; threshold events follow the table."""
+    ``prompt_length`` is given; threshold events follow the table. Rows of positions outside
+    the dictionary's training distribution end with ``[out of distribution: reason]``."""
     labels = labels or {}
     by_position: dict[int, list[pb.TokenFeatures]] = defaultdict(list)
     for entry in features:
@@ -53,6 +54,8 @@ def token_table(tokens: Sequence[pb.Token], features: Iterable[pb.TokenFeatures]
             if watch:
                 codes = " ".join(f"#{f}={v:.2f}" for f, v in zip(watch, entry.watch, strict=False))
                 cell += f"  | watch {codes}"
+            if entry.out_of_distribution:
+                cell += f"  [out of distribution: {_ood_reason(entry)}]"
             lines.append(f"{head if i == 0 else '':<{len(head)}}  {entry.layer:>5}  {cell}")
     text_of = {token.position: token.text for token in tokens}
     event_lines = [f"  pos {e.position} {show_token(text_of.get(e.position, '?'))} layer "
@@ -61,6 +64,15 @@ def token_table(tokens: Sequence[pb.Token], features: Iterable[pb.TokenFeatures]
     if event_lines:
         lines += ["threshold events:", *event_lines]
     return "\n".join(lines)
+
+
+def _ood_reason(entry: pb.TokenFeatures) -> str:
+    """``first position`` / ``norm outlier``: the reason's enum name in words."""
+    try:
+        name = pb.OutOfDistribution.Name(entry.out_of_distribution_reason)
+    except ValueError:                          # a reason newer than this client
+        return f"reason {entry.out_of_distribution_reason}"
+    return name.removeprefix("OUT_OF_DISTRIBUTION_").replace("_", " ").lower()
 
 
 def completion_table(completion: Completion, *, watch: Sequence[int] = (),

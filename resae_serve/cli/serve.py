@@ -1,7 +1,9 @@
 """``resae serve``: the gRPC server over a vLLM engine with the ReSAE hook.
 
 Flags override the config file (``--config serve.toml``; same names, ``[limits]`` and
-``[engine]`` tables). The server refuses to start, with the reason, when the dictionary was
+``[engine]`` tables). The folder served is a dictionary folder or an export folder of one;
+``--runtime`` picks what computes the monitored features (steering always runs in the
+compiled torch graph). The server refuses to start, with the reason, when the dictionary was
 trained on another model (fingerprint), or its layers or width do not fit the model, or when
 the engine (weights, KV cache, dictionary, tables) would not fit the memory available. An
 engine that dies is rebuilt (``--restart-attempts``, ``--no-restart-engine``).
@@ -32,7 +34,8 @@ HELP = ("serve steering and monitoring over gRPC and optionally an OpenAI-compat
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("serve", help=HELP, description=__doc__)
     p.add_argument("dictionary", nargs="?", type=Path,
-                   help="dictionary folder (resae train output); or set it in --config")
+                   help="dictionary folder (resae train output) or an export folder of one "
+                        "(resae export output); or set it in --config")
     p.add_argument("--config", type=Path, help="TOML or JSON file with the settings below")
     p.add_argument("--model", help="embedded model name or local HF folder "
                    "(default smollm2-135m)")
@@ -71,6 +74,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--op-mode", dest="engine_op_mode", choices=("graph", "split"),
                    help="GPU: the op inside vLLM's CUDA graphs (graph, default) or between "
                         "captured pieces (split); ignored on CPU")
+    p.add_argument("--runtime", dest="engine_runtime",
+                   choices=("auto", "torch", "onnxruntime", "tensorrt"),
+                   help="what the monitor encodes features with (default auto: onnxruntime on "
+                        "a CPU host, TensorRT / onnxruntime's GPU providers on a GPU host when "
+                        "installed, else torch); the ONNX runtimes read the export folder "
+                        "served, or the dictionary's cached export, built once on first use")
     p.add_argument("--kv-cache-gib", dest="engine_kv_cache_gib", type=float,
                    help="KV cache size in GiB (default on CPU: what --max-num-seqs × "
                         "--max-model-len tokens need, +10 %%; on GPU: vLLM's share from "

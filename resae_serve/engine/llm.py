@@ -64,6 +64,7 @@ def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[s
                   max_model_len: int | None = None, max_num_seqs: int = 8,
                   max_configs: int = 32, enforce_eager: bool = False, dtype: str = "float32",
                   seed: int = 0, op_mode: str = "graph", op_body: str | None = None,
+                  runtime: str = "torch", export: str | os.PathLike[str] | None = None,
                   **extra: Any) -> dict[str, Any]:
     """vLLM engine arguments that put the ReSAE hook at the dictionary's layers.
 
@@ -75,7 +76,11 @@ def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[s
     configs resident at once (table rows). ``op_mode``: how the op meets CUDA graphs on GPU
     (:func:`compilation_config`). ``op_body``: ``graph`` (the fixed-shape body; the default on
     CUDA in ``graph`` mode, the only one CUDA graphs can capture) or ``eager`` (encodes only
-    the tokens that need it; the default on CPU and in ``split`` mode).
+    the tokens that need it; the default on CPU and in ``split`` mode). ``runtime``: what the
+    monitor encodes with (:func:`~resae_serve.engine.runtime_choice.choose_runtime`; ``auto``
+    is ``resae serve``'s default), from ``export`` (an export folder of this dictionary,
+    checked) or the cached export, built here on first use (a minute at most; call this off
+    the event loop).
     """
     cuda = _on_cuda()
     compilation = compilation_config(op_mode, cuda=cuda)
@@ -89,18 +94,27 @@ def engine_kwargs(model: str | os.PathLike[str], dictionary: str | os.PathLike[s
                          "op_mode='split' (the op runs between captured pieces) or "
                          "enforce_eager=True")
     from resae_serve.engine.model import hooked_architecture, register_architectures
+    from resae_serve.engine.runtime_choice import (
+        choose_runtime,
+        prepare_export,
+        runtime_overrides,
+    )
     from resae_serve.engine.worker import QUALNAME
 
     register_architectures()  # the front end resolves the architecture too
     folder = resolve_model(model)
     architecture = model_architecture(folder)
     check_model_fits(folder, Path(dictionary))
+    choice = choose_runtime(runtime, cuda=cuda)
+    export_dir = (prepare_export(Path(dictionary), None if export is None else Path(export))
+                  if choice.backend != "torch" else None)
     kwargs = dict(
         model=str(folder), dtype=dtype, seed=seed, max_num_seqs=max_num_seqs,
         enforce_eager=enforce_eager, worker_extension_cls=QUALNAME,
         hf_overrides={"architectures": [hooked_architecture(architecture)],
                       "resae_dictionary": str(Path(dictionary).resolve()),
-                      "resae_max_configs": max_configs, "resae_op_body": op_body},
+                      "resae_max_configs": max_configs, "resae_op_body": op_body,
+                      **runtime_overrides(choice, export_dir)},
         **extra,
     )
     if compilation is not None and not enforce_eager:
@@ -128,7 +142,8 @@ async def build_async_llm(model: str | os.PathLike[str], dictionary: str | os.Pa
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    args = AsyncEngineArgs(**engine_kwargs(model, dictionary, **kwargs))
+    # Off the event loop: it may export the dictionary first (the cached export, once).
+    args = AsyncEngineArgs(**await asyncio.to_thread(engine_kwargs, model, dictionary, **kwargs))
     # Built on a worker thread: start-up takes a minute or more (weights, torch.compile,
     # warm-up) and the event loop keeps serving meanwhile (health checks answer NOT_SERVING).
     # AsyncLLM starts its output tasks lazily, on this loop, at the first call.

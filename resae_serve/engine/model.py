@@ -35,9 +35,10 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 
-from resae_serve.artifact import load_artifact
+from resae_serve.artifact import load_artifact, read_manifest
 from resae_serve.blocks import block_list
 from resae_serve.engine import op
+from resae_serve.engine.encoders import MonitorEncoder, build_encoder
 from resae_serve.engine.hook import StepHook
 from resae_serve.engine.monitor import Monitor
 from resae_serve.engine.tables import SteeringTables
@@ -158,6 +159,16 @@ def _load_tables(vllm_config: VllmConfig) -> SteeringTables:
         graph_body=None if body is None else body == "graph")
 
 
+def _monitor_encoder(hf_config: Any, tables: SteeringTables) -> MonitorEncoder:
+    """The monitor's encoder for the runtime the front end chose (``resae_runtime``; torch
+    when unset), over the export ``resae_export``."""
+    return build_encoder(tables.resae, str(getattr(hf_config, "resae_runtime", "") or "torch"),
+                         getattr(hf_config, "resae_export", "") or None,
+                         device=str(tables.device),
+                         provider=str(getattr(hf_config, "resae_runtime_provider", "") or "auto"),
+                         reason=str(getattr(hf_config, "resae_runtime_reason", "") or ""))
+
+
 class _ResaeMixin(nn.Module):
     """Loads the dictionary, builds the base model, puts the op on the dictionary's blocks,
     and runs the step hook around each forward pass."""
@@ -169,7 +180,11 @@ class _ResaeMixin(nn.Module):
         global _hook
         tables = _load_tables(vllm_config)
         op.install_tables(tables)
-        _hook = StepHook(tables, Monitor(tables.resae))
+        _hook = StepHook(tables, Monitor(tables.resae, encoder=_monitor_encoder(
+            vllm_config.model_config.hf_config, tables)))
+        # which monitored positions lie outside the dictionary's training distribution
+        _hook.monitor.context = read_manifest(
+            Path(vllm_config.model_config.hf_config.resae_dictionary)).context
         # The base class sees the architecture name it was registered for: vLLM's
         # Transformers backend looks up weight renamings by it (GPT-NeoX: embed_out -> lm_head).
         hf_config = vllm_config.model_config.hf_config

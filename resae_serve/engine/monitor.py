@@ -13,6 +13,10 @@ results stay in step order). ``stalled_steps`` counts those waits.
 Results are :class:`~resae_serve.engine.rpc.MonitorRecord` s, one per request, position and
 layer. Thresholds (:class:`~resae_serve.engine.spec.Threshold`) are checked here, on the very
 codes that are reported: a record carries its :class:`~resae_serve.engine.rpc.MonitorEvent` s.
+Each record also says whether its position lies outside the dictionary's training distribution
+(:attr:`Monitor.context`, :mod:`resae_serve.context`: the first position, norm outliers);
+thresholds skip such positions unless the request's
+:attr:`~resae_serve.engine.spec.MonitorSpec.include_out_of_distribution` asks for them.
 
 A preempted request is recomputed from its first token; its positions are encoded again.
 :meth:`Monitor.take` keeps the latest record per (position, layer), and ``recomputed`` counts
@@ -32,10 +36,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from resae_serve.engine.gemm import EncoderGemm
+from resae_serve.context import TrainingContext
+from resae_serve.engine.encoders import MonitorEncoder, TorchEncoder
 from resae_serve.engine.rpc import MonitorEvent, MonitorRecord
 from resae_serve.engine.spec import MonitorSpec
-from resae_serve.engine.tables import Codes, LayerCapture, activate
+from resae_serve.engine.tables import Codes, LayerCapture
 from resae_serve.resae import ReSAE
 from resae_serve.saes.base import SparseCodes
 
@@ -115,9 +120,15 @@ _QueueItem = StepCapture | _Discard | tuple[str, MonitorSpec | None]
 class Monitor:
     """Background encoder of :class:`StepCapture` records; results fetched by request key."""
 
-    def __init__(self, resae: ReSAE, *, max_pending: int = 64) -> None:
+    context: TrainingContext = TrainingContext.unknown()
+    """How the dictionary was trained (from its manifest; set by the engine after building
+    the monitor): which positions the records flag as out of distribution."""
+
+    def __init__(self, resae: ReSAE, *, max_pending: int = 64,
+                 encoder: MonitorEncoder | None = None) -> None:
         self.resae = resae
-        self._gemm = [EncoderGemm(sae, packed=False) for sae in resae.saes]
+        self.encoder: MonitorEncoder = encoder or TorchEncoder(resae)
+        """Encodes one layer's captured tokens (:mod:`~resae_serve.engine.encoders`)."""
         device = resae.saes[0].W_dec.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.specs: dict[str, MonitorSpec] = {}
@@ -191,8 +202,14 @@ class Monitor:
         if take is not None:
             take = take.to(h.device)
             h, h_prev = h[take], None if h_prev is None else h_prev[take]
-        u = self.resae.sae_input(i, h.float(), None if h_prev is None else h_prev.float())
-        codes = activate(self.resae.saes[i], self._gemm[i](u.to(self._gemm[i].dtype)))
+        # What any monitored request may read at this layer (a superset of this step's):
+        # encoders without the dense code compute exactly these.
+        layer = self.resae.layers[i]
+        specs = [s for s in self.specs.values() if layer in s.layers]
+        watch = sorted({f for s in specs for f in s.watch}
+                       | {t.feature for s in specs for t in s.thresholds if t.layer == layer})
+        top_k = max((s.top_k for s in specs), default=0)
+        codes = self.encoder.codes(i, h, h_prev, watch, top_k)
         if self._stream is None:
             return codes
         host = (SparseCodes(*(t.to("cpu", non_blocking=True) for t in codes))
@@ -217,20 +234,34 @@ class Monitor:
         codes = self._codes(i, capture, torch.from_numpy(wanted)
                             if len(chosen) < len(specs) else None)
         top_ids, top_values, picked = _summaries(codes, d_sae, k, columns)
+        js = req[wanted]
+        positions = (step.starts[js] + idx[wanted] - firsts[js]).tolist()
+        reasons = self._out_of_distribution(i, capture, wanted, positions)
         records: list[MonitorRecord] = []
         for n, (row, spec) in enumerate(zip(wanted.tolist(), chosen, strict=True)):
-            j = int(req[row])
-            position = int(step.starts[j] + idx[row] - firsts[j])
+            j, position, ood = int(js[n]), int(positions[n]), int(reasons[n])
             events = tuple(
                 MonitorEvent(position, layer, t.feature, value, t.value) for t in spec.thresholds
-                if t.layer == layer and (value := picked[n][column[t.feature]]) >= t.value)
+                if t.layer == layer and (value := picked[n][column[t.feature]]) >= t.value
+            ) if not ood or spec.include_out_of_distribution else ()
             records.append(MonitorRecord(
                 step.keys[j], position, layer,
                 tuple(top_ids[n][: spec.top_k]) if spec.top_k else (),
                 tuple(top_values[n][: spec.top_k]) if spec.top_k else (),
                 tuple(picked[n][column[f]] for f in spec.watch),
-                tuple(capture.h[row].float().tolist()) if spec.raw else (), events))
+                tuple(capture.h[row].float().tolist()) if spec.raw else (), events, ood))
         return records
+
+    def _out_of_distribution(self, i: int, capture: LayerCapture, wanted: np.ndarray,
+                             positions: list[int]) -> np.ndarray:
+        """:class:`~resae_serve.context.OutOfDistribution` codes of the ``wanted`` captured
+        tokens: the first position, and the norm of the block output the codes were read
+        from (this request's edits included) against the training rule."""
+        norms = np.zeros(len(positions))
+        if self.context.norm_limit(i) is not None:
+            h = capture.h.index_select(0, torch.from_numpy(wanted).to(capture.h.device))
+            norms = h.float().norm(dim=-1).cpu().numpy()
+        return self.context.reasons(i, positions, norms)
 
     def _run(self) -> None:
         _move_off_worker_cores()

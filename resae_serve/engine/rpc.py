@@ -33,6 +33,7 @@ class Rpc(StrEnum):
     TAKE = "resae_take"
     TAKE_MANY = "resae_take_many"
     DISCARD = "resae_discard"
+    RUNTIME = "resae_runtime"
 
 
 class MonitorEvent(NamedTuple):
@@ -63,21 +64,27 @@ class MonitorRecord(NamedTuple):
     raw: tuple[float, ...] = ()
     """The block output itself when :attr:`~resae_serve.engine.spec.MonitorSpec.raw` is set."""
     events: tuple[MonitorEvent, ...] = ()
-    """Thresholds reached on these codes."""
+    """Thresholds reached on these codes (none at out-of-distribution positions unless the
+    request asked for them)."""
+    out_of_distribution: int = 0
+    """Why this position lies outside the dictionary's training distribution, an
+    :class:`~resae_serve.context.OutOfDistribution` code (0: it does not)."""
 
     def to_wire(self) -> tuple[Any, ...]:
         """Plain builtins; events as ``(feature, value, threshold)`` (position and layer are
         the record's)."""
         return (self.key, self.position, self.layer, self.top_ids, self.top_values, self.watch,
-                self.raw, tuple((e.feature, e.value, e.threshold) for e in self.events))
+                self.raw, tuple((e.feature, e.value, e.threshold) for e in self.events),
+                self.out_of_distribution)
 
     @classmethod
     def from_wire(cls, data: Sequence[Any]) -> MonitorRecord:
-        key, position, layer, top_ids, top_values, watch, raw, events = data
+        key, position, layer, top_ids, top_values, watch, raw, events, *rest = data
         position, layer = int(position), int(layer)
         return cls(str(key), position, layer, tuple(top_ids), tuple(top_values), tuple(watch),
                    tuple(raw), tuple(MonitorEvent(position, layer, int(f), float(v), float(t))
-                                     for f, v, t in events))
+                                     for f, v, t in events),
+                   int(rest[0]) if rest else 0)
 
 
 class EngineInfo(NamedTuple):
@@ -99,6 +106,30 @@ class EngineInfo(NamedTuple):
     def from_wire(cls, data: Mapping[str, Any]) -> EngineInfo:
         return cls(tuple(int(x) for x in data["layers"]), tuple(int(x) for x in data["d_sae"]),
                    int(data["d_model"]), int(data["max_configs"]))
+
+
+class FeatureRuntimeInfo(NamedTuple):
+    """The feature runtime the worker's monitor encodes with (what actually runs)."""
+
+    backend: str
+    """``torch``, ``onnxruntime`` or ``tensorrt``."""
+    provider: str = ""
+    """onnxruntime's execution provider (``cpu``, ``cuda``, ``tensorrt``); empty otherwise."""
+    precision: str = "float32"
+    threads: int = 0
+    """Intra-op threads of the monitor's encodes."""
+    export: str = ""
+    """The export folder the graphs come from (empty for ``torch``)."""
+    reason: str = ""
+    """Why this runtime, where ``auto`` chose it."""
+
+    def to_wire(self) -> dict[str, Any]:
+        return self._asdict()
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> FeatureRuntimeInfo:
+        return cls(str(data["backend"]), str(data["provider"]), str(data["precision"]),
+                   int(data["threads"]), str(data["export"]), str(data["reason"]))
 
 
 class EngineStats(NamedTuple):
@@ -186,6 +217,15 @@ def info(llm: Workers) -> EngineInfo:
 
 async def info_async(engine: AsyncWorkers) -> EngineInfo:
     return EngineInfo.from_wire(await _call_async(engine, Rpc.INFO))
+
+
+def runtime(llm: Workers) -> FeatureRuntimeInfo:
+    """The feature runtime the worker's monitor runs on."""
+    return FeatureRuntimeInfo.from_wire(_call(llm, Rpc.RUNTIME))
+
+
+async def runtime_async(engine: AsyncWorkers) -> FeatureRuntimeInfo:
+    return FeatureRuntimeInfo.from_wire(await _call_async(engine, Rpc.RUNTIME))
 
 
 def stats(llm: Workers) -> EngineStats:

@@ -45,10 +45,12 @@ from resae_serve.engine.llm import prompt_with
 from resae_serve.engine.rpc import (
     EngineInfo,
     EngineStats,
+    FeatureRuntimeInfo,
     MonitorEvent,
     MonitorRecord,
     discard_async,
     info_async,
+    runtime_async,
     stats_async,
     take_many_async,
 )
@@ -83,6 +85,9 @@ class TokenFeatures(NamedTuple):
     """Values of :attr:`MonitorSpec.watch`, in that order."""
     raw: tuple[float, ...] = ()
     """The block output itself when :attr:`MonitorSpec.raw` is set."""
+    out_of_distribution: int = 0
+    """:class:`~resae_serve.context.OutOfDistribution` code: why the position lies outside
+    the dictionary's training distribution (0: it does not)."""
 
 
 class GenerationChunk(NamedTuple):
@@ -233,7 +238,7 @@ def _features(records: list[MonitorRecord], delivered: dict[int, int]
             continue                                    # recomputed after a preemption
         delivered[r.layer] = r.position
         features.append(TokenFeatures(r.position, r.layer, r.top_ids, r.top_values, r.watch,
-                                      r.raw))
+                                      r.raw, r.out_of_distribution))
         events += r.events
     return features, events
 
@@ -254,9 +259,12 @@ class ResaeEngine:
     """Async per-request steering and monitoring over one engine with the ReSAE hook."""
 
     def __init__(self, driver: Driver, info: EngineInfo,
-                 max_configs: int | None = None) -> None:
+                 max_configs: int | None = None,
+                 feature_runtime: FeatureRuntimeInfo | None = None) -> None:
         self.driver = driver
         self.info = info
+        self.feature_runtime = feature_runtime or FeatureRuntimeInfo("torch")
+        """The feature runtime the worker's monitor encodes with (as the worker reports it)."""
         self.admission = ConfigAdmission(min(max_configs or info.max_configs, info.max_configs))
         self._fetcher = _MonitorFetcher(driver)
         self._ids = itertools.count()
@@ -291,7 +299,7 @@ class ResaeEngine:
     @classmethod
     async def connect(cls, driver: Driver, max_configs: int | None = None) -> ResaeEngine:
         """Wrap the engine behind ``driver`` (its worker must run the ReSAE extension)."""
-        return cls(driver, await info_async(driver), max_configs)
+        return cls(driver, await info_async(driver), max_configs, await runtime_async(driver))
 
     # ------------------------------------------------------------------ liveness
 

@@ -113,6 +113,10 @@ class MonitorSpec:
     """Also return the block-output activations themselves (parity tests, debugging)."""
     thresholds: tuple[Threshold, ...] = ()
     """Events raised by the worker, on the same activations as the reported features."""
+    include_out_of_distribution: bool = False
+    """Also raise events at positions outside the dictionary's training distribution (the
+    first position, norm outliers: :mod:`resae_serve.context`); by default they are skipped.
+    Features are reported at every position either way, flagged."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,8 @@ class SteeringSpec:
             "monitor": {"layers": list(m.layers), "top_k": m.top_k, "watch": list(m.watch),
                         "raw": m.raw,
                         "thresholds": [[t.layer, t.feature, float(t.value)]
-                                       for t in m.thresholds]},
+                                       for t in m.thresholds],
+                        "include_out_of_distribution": m.include_out_of_distribution},
         }}
 
     @classmethod
@@ -208,7 +213,8 @@ class SteeringSpec:
             monitor=MonitorSpec(tuple(m.get("layers", ())), int(m.get("top_k", 0)),
                                 tuple(m.get("watch", ())), bool(m.get("raw", False)),
                                 tuple(Threshold(int(a), int(b), float(v))
-                                      for a, b, v in m.get("thresholds", ()))),
+                                      for a, b, v in m.get("thresholds", ())),
+                                bool(m.get("include_out_of_distribution", False))),
             key=str(data.get("key", "")),
         )
 

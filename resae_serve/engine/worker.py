@@ -62,6 +62,11 @@ class ResaeWorkerExtension:
                           tuple(int(sae.W_dec.shape[0]) for sae in tables.resae.saes),
                           int(tables.resae.d_model), (tables.max_rows - 1) // 2).to_wire()
 
+    def resae_runtime(self) -> dict[str, Any]:
+        """The feature runtime the monitor encodes with
+        (:class:`~resae_serve.engine.rpc.FeatureRuntimeInfo`)."""
+        return dict(_hook().monitor.encoder.info.to_wire())
+
     def resae_stats(self) -> dict[str, Any]:
         """Counters (:class:`~resae_serve.engine.rpc.EngineStats`): table rows and requests,
         monitor health, the time split of the forward passes since start, and the bfloat16

@@ -3,7 +3,10 @@
 An importer reads one SAE of another library into an :class:`ImportedSAE` (our SAE, with every
 library-specific option folded into plain ``W_enc, b_enc, W_dec, b_dec[, threshold]``) and
 :func:`save_imported` writes several of them as one ``layerwise`` dictionary with scale 1.0 per
-layer, so each SAE reads raw block outputs exactly as it did in its own library.
+layer, so each SAE reads raw block outputs exactly as it did in its own library. How the
+other library read text is not known: the manifest's training context is
+:meth:`~resae_serve.context.TrainingContext.unknown` (source ``imported``): served positions
+are flagged by the first-position rule only, never by a norm rule.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 
 from resae_serve.artifact import ArtifactError, ModelIdentity, read_json_object, save_artifact
+from resae_serve.context import TrainingContext
 from resae_serve.resae import ReSAE
 from resae_serve.saes import SAE, Architecture, SAEConfig, sae_from_tensors
 
@@ -192,6 +196,7 @@ def save_imported(saes: Sequence[ImportedSAE], out_dir: Path, model: ModelIdenti
         "sources": {str(layer): str(by_layer[layer].where) for layer in order},
         "hooks": {str(layer): by_layer[layer].hook for layer in order},
     }
-    save_artifact(resae, Path(out_dir), model, training=training)
+    save_artifact(resae, Path(out_dir), model, training=training,
+                  context=TrainingContext.unknown("imported"))
     logger.info("imported %d %s SAEs (layers %s) into %s", len(order), source, order, out_dir)
     return Path(out_dir)

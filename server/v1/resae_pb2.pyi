@@ -21,6 +21,12 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PHASE_PROMPT: _ClassVar[Phase]
     PHASE_GENERATION: _ClassVar[Phase]
     PHASE_ALL: _ClassVar[Phase]
+
+class OutOfDistribution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUT_OF_DISTRIBUTION_UNSPECIFIED: _ClassVar[OutOfDistribution]
+    OUT_OF_DISTRIBUTION_FIRST_POSITION: _ClassVar[OutOfDistribution]
+    OUT_OF_DISTRIBUTION_NORM_OUTLIER: _ClassVar[OutOfDistribution]
 EDIT_MODE_UNSPECIFIED: EditMode
 EDIT_MODE_ADD: EditMode
 EDIT_MODE_CLAMP: EditMode
@@ -30,6 +36,9 @@ PHASE_UNSPECIFIED: Phase
 PHASE_PROMPT: Phase
 PHASE_GENERATION: Phase
 PHASE_ALL: Phase
+OUT_OF_DISTRIBUTION_UNSPECIFIED: OutOfDistribution
+OUT_OF_DISTRIBUTION_FIRST_POSITION: OutOfDistribution
+OUT_OF_DISTRIBUTION_NORM_OUTLIER: OutOfDistribution
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -118,16 +127,18 @@ class Threshold(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., feature: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class MonitorRequest(_message.Message):
-    __slots__ = ("layers", "top_k", "watch", "thresholds")
+    __slots__ = ("layers", "top_k", "watch", "thresholds", "include_out_of_distribution")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     WATCH_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     top_k: int
     watch: _containers.RepeatedScalarFieldContainer[int]
     thresholds: _containers.RepeatedCompositeFieldContainer[Threshold]
-    def __init__(self, layers: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., watch: _Optional[_Iterable[int]] = ..., thresholds: _Optional[_Iterable[_Union[Threshold, _Mapping]]] = ...) -> None: ...
+    include_out_of_distribution: bool
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., watch: _Optional[_Iterable[int]] = ..., thresholds: _Optional[_Iterable[_Union[Threshold, _Mapping]]] = ..., include_out_of_distribution: _Optional[bool] = ...) -> None: ...
 
 class Token(_message.Message):
     __slots__ = ("position", "id", "text")
@@ -148,16 +159,20 @@ class FeatureValue(_message.Message):
     def __init__(self, feature: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
 
 class TokenFeatures(_message.Message):
-    __slots__ = ("position", "layer", "top", "watch")
+    __slots__ = ("position", "layer", "top", "watch", "out_of_distribution", "out_of_distribution_reason")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     WATCH_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_DISTRIBUTION_REASON_FIELD_NUMBER: _ClassVar[int]
     position: int
     layer: int
     top: _containers.RepeatedCompositeFieldContainer[FeatureValue]
     watch: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, position: _Optional[int] = ..., layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ..., watch: _Optional[_Iterable[float]] = ...) -> None: ...
+    out_of_distribution: bool
+    out_of_distribution_reason: OutOfDistribution
+    def __init__(self, position: _Optional[int] = ..., layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ..., watch: _Optional[_Iterable[float]] = ..., out_of_distribution: _Optional[bool] = ..., out_of_distribution_reason: _Optional[_Union[OutOfDistribution, str]] = ...) -> None: ...
 
 class FeatureEvent(_message.Message):
     __slots__ = ("position", "layer", "feature", "value", "threshold")

@@ -4,7 +4,10 @@ One engine per test session: the first server builds it (about a minute), later 
 other settings (auth, TLS, small limits) reuse it through ``engine_factory``. Every server runs
 on one event loop in a background thread, so the tests call it with ordinary sync clients.
 The dictionary is a small random ReSAE at layers 6, 12, 18, 28 with the embedded model's real
-fingerprint and a feature catalog measured on 1,024 held-out Brown tokens.
+fingerprint and a feature catalog measured on 1,024 held-out Brown tokens; with the catalog
+comes a training context measured as the pipeline measures it (BOS first and dropped, the
+10× outlier rule, median token norms per layer), so served positions are flagged as for a
+trained dictionary.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any, TypeVar
 import torch
 
 from resae_serve.artifact import ModelIdentity, save_artifact
+from resae_serve.capture import CaptureConfig, capture_activations
 from resae_serve.catalog import CatalogConfig, build_catalog, save_catalog
+from resae_serve.context import TrainingContext, median_norms
 from resae_serve.corpus import load_documents
 from resae_serve.fingerprint import model_fingerprint
 from resae_serve.models import load_model, resolve_model
@@ -43,15 +48,23 @@ def build_dictionary(folder: Path, *, catalog: bool = True) -> Path:
     resae = ReSAE(LAYERS, saes, [4.0, 2.0, 2.0, 2.0], mode="resae", affine=affine)
     model_dir = resolve_model("smollm2-135m")
     identity = ModelIdentity("smollm2-135m", model_fingerprint(model_dir), "llama", 30, D_MODEL)
-    save_artifact(resae, folder, identity)
-    if catalog:
-        model, tokenizer = load_model("smollm2-135m")
-        data = build_catalog(resae, model, tokenizer, load_documents("brown", "heldout")[:20],
-                             CatalogConfig(n_tokens=1024, context_size=128, batch_size=4),
-                             progress=False)
-        data["layers"]["6"]["features"][3]["label"] = "test label"
-        save_catalog(folder, data)
-        del model
+    if not catalog:
+        save_artifact(resae, folder, identity)
+        return folder
+    model, tokenizer = load_model("smollm2-135m")
+    documents = load_documents("brown", "heldout")[:20]
+    capture = CaptureConfig(layers=LAYERS, context_size=128, batch_size=4, max_tokens=2048,
+                            progress=False)
+    acts = torch.cat([b.acts for b in capture_activations(model, tokenizer, documents, capture)])
+    context = TrainingContext(capture.prepend_bos, capture.skip_bos, capture.outlier_norm_ratio,
+                              median_norms(acts.float().norm(dim=-1)))
+    save_artifact(resae, folder, identity, context=context)
+    data = build_catalog(resae, model, tokenizer, documents,
+                         CatalogConfig(n_tokens=1024, context_size=128, batch_size=4),
+                         progress=False)
+    data["layers"]["6"]["features"][3]["label"] = "test label"
+    save_catalog(folder, data)
+    del model
     return folder
 
 

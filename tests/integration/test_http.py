@@ -139,6 +139,8 @@ def _same_features(http: list[dict[str, Any]], grpc_: list[pb.TokenFeatures]) ->
         assert [t["value"] for t in got["top"]] == pytest.approx(
             [t["value"] for t in expected["top"]], abs=VALUE_ATOL)
         assert got["watch"] == pytest.approx(expected["watch"], abs=VALUE_ATOL)
+        for key in ("outOfDistribution", "outOfDistributionReason"):   # same flags, same names
+            assert got[key] == expected[key]
 
 
 def test_features_equal_grpc_streamed_or_not(http_server: Any, api: Any,

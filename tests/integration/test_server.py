@@ -192,9 +192,54 @@ def test_inspect_reports_every_prompt_position(client: ResaeClient) -> None:
     n = len(reply.tokens)
     assert sorted((f.position, f.layer) for f in reply.features) == [
         (p, layer) for p in range(n) for layer in (6, 12)]
-    # threshold 0.0 fires on every token (codes are >= 0)
+    # threshold 0.0 fires on every token (codes are >= 0) but the out-of-distribution ones
+    inside = {f.position for f in reply.features if f.layer == 6 and not f.out_of_distribution}
+    assert 0 not in inside and len(inside) == n - 1
     assert {(e.position, e.layer, e.feature) for e in reply.events} == {
-        (p, 6, 0) for p in range(n)}
+        (p, 6, 0) for p in inside}
+    asked = client.inspect(PROMPT, monitor=monitor([6], top_k=1, thresholds=[(6, 0, 0.0)],
+                                                   include_out_of_distribution=True))
+    assert {e.position for e in asked.events} == set(range(n))
+
+
+SEARCH_TEXT = "The bride and groom exchanged rings at the wedding."
+
+
+def test_positions_outside_the_training_distribution_are_flagged(
+        client: ResaeClient) -> None:
+    """The dictionary was trained with BOS first and dropped; SmolLM2 adds no BOS, so
+    position 0 (the attention sink, norms of ~20,000 vs ~140 at layer 12) is flagged at every
+    layer; the other positions of this text are within the 10× norm rule."""
+    reply = client.inspect(SEARCH_TEXT, monitor=monitor(LAYERS, top_k=4))
+    assert len(reply.features) == len(reply.tokens) * len(LAYERS)
+    for f in reply.features:
+        if f.position == 0:
+            assert f.out_of_distribution, f
+            assert f.out_of_distribution_reason == pb.OUT_OF_DISTRIBUTION_FIRST_POSITION
+        else:
+            assert not f.out_of_distribution and f.out_of_distribution_reason == 0, f
+
+
+def test_search_hits_fire_where_inspect_reports_the_same_values(client: ResaeClient) -> None:
+    """One reading of a text: each top hit's values on its tokens are Inspect's codes of that
+    feature there, on positions Inspect does not flag."""
+    hits = client.search_features(SEARCH_TEXT, top=5).hits
+    assert hits
+    for hit in hits:
+        layer, feature = hit.feature.layer, hit.feature.feature
+        reply = client.inspect(SEARCH_TEXT, monitor=monitor([layer], watch=[feature]))
+        text = {t.position: t.text for t in reply.tokens}
+        inside = [(text[f.position], f.watch[0]) for f in reply.features
+                  if not f.out_of_distribution]
+        mean = sum(v for _, v in inside) / len(inside)
+        assert hit.mean_on_text == pytest.approx(mean, abs=1e-3), (layer, feature)
+        assert hit.fires_on, (layer, feature)
+        for on in hit.fires_on:
+            matches = [v for token, v in inside if token == on.token]
+            assert any(abs(v - on.value) <= 1e-3 for v in matches), (layer, feature, on,
+                                                                     matches)
+        top = max(v for _, v in inside)
+        assert hit.fires_on[0].value == pytest.approx(top, abs=1e-3)
 
 
 # ----------------------------------------------------------------------------- catalog

@@ -18,6 +18,7 @@ from resae_serve.artifact import (
     save_artifact,
 )
 from resae_serve.cache import sha256_file
+from resae_serve.context import TrainingContext
 from resae_serve.resae import ReSAE
 from tests.unit.resae_fixtures import IDENTITY, tiny_acts, tiny_resae
 
@@ -120,3 +121,36 @@ def test_schema_0_is_upgraded(tmp_path: Path) -> None:
     loaded, parsed = load_artifact(folder)
     assert parsed.schema_version == SCHEMA_VERSION and parsed.d_model == 8
     assert loaded.scales.tolist() == [2.0, 0.5]
+
+
+def test_training_context_round_trips_and_old_manifests_get_the_default(tmp_path: Path) -> None:
+    context = TrainingContext(True, True, 10.0, (101.5, 230.25), source="training")
+    folder = save_artifact(tiny_resae(), tmp_path / "d", IDENTITY, context=context)
+    assert read_manifest(folder).context == context
+    assert load_artifact(folder)[1].context == context
+    raw = json.loads((folder / "manifest.json").read_text())
+    assert raw["training_context"]["reference_norms"] == [101.5, 230.25]
+    # a manifest written before the section existed: documented default, first position only
+    del raw["training_context"]
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    old = read_manifest(folder).context
+    assert old == TrainingContext.unknown() and old.skips_first_position
+    assert old.norm_limit(0) is None
+    assert old.reasons(0, [0, 1, 2], [1.0, 1e6, 1.0]).tolist() == [1, 0, 0]
+    assert context.reasons(1, [0, 1, 2], [1.0, 2302.6, 2302.4]).tolist() == [1, 2, 0]
+
+
+def test_bad_training_context_is_named(tmp_path: Path) -> None:
+    folder = _save(tmp_path)
+    _edit_manifest(folder, training_context={"reference_norms": [1.0]})
+    with pytest.raises(ArtifactError, match="reference_norms has 1 entries for 2 layers"):
+        read_manifest(folder)
+    _edit_manifest(folder, training_context={"outlier_norm_ratio": 0.5})
+    with pytest.raises(ArtifactError, match=r"outlier_norm_ratio=0\.5; must be > 1"):
+        read_manifest(folder)
+    _edit_manifest(folder, training_context={"skip_bos": "yes"})
+    with pytest.raises(ArtifactError, match=r"training_context.skip_bos='yes'"):
+        read_manifest(folder)
+    with pytest.raises(ArtifactError, match="reference_norms has 3 entries"):
+        save_artifact(tiny_resae(), tmp_path / "e", IDENTITY,
+                      context=TrainingContext(True, True, 10.0, (1.0, 2.0, 3.0)))

@@ -138,13 +138,15 @@ def test_search_ranks_by_lift(
     hits = search_features(resae, tiny_llama, tiny_tokenizer, catalog, text, top=5)
     assert len(hits) == 5
     encoded = encode_text(resae, tiny_llama, tiny_tokenizer, text)
-    assert encoded.pieces == text.split()
+    assert encoded.pieces == text.split()       # read as the tokenizer gives it (no BOS here)
+    for layer in LAYERS:   # unknown training context: only the first position is left out
+        assert encoded.in_distribution[layer].tolist() == [False] + [True] * 7
     best = []
     for layer in LAYERS:
         features = catalog.data["layers"][str(layer)]["features"]
         corpus_mean = torch.tensor([f["density"] * f["mean_activation"] for f in features])
         eps = 10 * catalog.mean_code(layer) / catalog.n_tokens
-        lift = encoded.codes[layer].mean(0).double() / (corpus_mean.double() + eps)
+        lift = encoded.codes[layer][1:].mean(0).double() / (corpus_mean.double() + eps)
         best += [(float(v), layer, f) for f, v in enumerate(lift.tolist())]
     best.sort(reverse=True)
     assert [(h.layer, h.feature) for h in hits] == [(layer, f) for _, layer, f in best[:5]]
@@ -154,3 +156,30 @@ def test_search_ranks_by_lift(
     assert {h.layer for h in only3} == {3}
     with pytest.raises(CatalogError, match="no tokens"):
         search_features(resae, tiny_llama, tiny_tokenizer, catalog, "", top=3)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "relu"])
+def test_search_encodes_through_the_export_like_torch(tmp_path: Path, architecture: str) -> None:
+    """SearchFeatures' encode through onnxruntime (the export's encode graph) equals the torch
+    chain for TopK dictionaries; ReLU ones, whose codes exceed the graph's k slots, are
+    encoded by torch whatever runtime is given."""
+    pytest.importorskip("onnxruntime")
+    from resae_serve.artifact import save_artifact
+    from resae_serve.evaluation.search import encode_activations
+    from resae_serve.export.convert import export_artifact
+    from resae_serve.export.runtime import RuntimeConfig, open_runtime
+    from resae_serve.export.spec import ExportConfig
+    from tests.unit.resae_fixtures import IDENTITY, LAYERS, tiny_acts, tiny_resae
+
+    resae = tiny_resae("resae", architecture)
+    artifact = save_artifact(resae, tmp_path / "dict", IDENTITY)
+    export_artifact(artifact, tmp_path / "export",
+                    ExportConfig(graphs=("encode",), reference_tokens=0))
+    runtime = open_runtime(tmp_path / "export", RuntimeConfig(backend="onnxruntime"))
+    acts = tiny_acts(12)
+    via_runtime = encode_activations(resae, [acts[L] for L in LAYERS], runtime)
+    via_torch = encode_activations(resae, [acts[L] for L in LAYERS])
+    for ours, oracle in zip(via_runtime, via_torch, strict=True):
+        assert ours.shape == oracle.shape
+        torch.testing.assert_close(ours, oracle, atol=1e-4, rtol=0)
+        assert (ours > 0).sum() > 0

@@ -234,6 +234,23 @@ def test_token_table_lists_features_labels_watch_and_events() -> None:
     assert lines[-1].strip() == "pos 2 ' sat' layer 6 feature 7: 1.50 >= 1.00"
 
 
+def test_token_table_marks_out_of_distribution_positions() -> None:
+    tokens = [pb.Token(position=p, id=p, text=t) for p, t in enumerate(["A", " the", " cat"])]
+    features = [
+        pb.TokenFeatures(position=0, layer=6, top=[pb.FeatureValue(feature=1, value=9.0)],
+                         out_of_distribution=True,
+                         out_of_distribution_reason=pb.OUT_OF_DISTRIBUTION_FIRST_POSITION),
+        pb.TokenFeatures(position=1, layer=6, top=[pb.FeatureValue(feature=2, value=27.0)],
+                         out_of_distribution=True,
+                         out_of_distribution_reason=pb.OUT_OF_DISTRIBUTION_NORM_OUTLIER),
+        pb.TokenFeatures(position=2, layer=6, top=[pb.FeatureValue(feature=3, value=1.0)])]
+    lines = token_table(tokens, features).splitlines()[1:]
+    assert lines[0].endswith("[out of distribution: first position]")
+    assert lines[1].endswith("[out of distribution: norm outlier]")
+    assert "out of distribution" not in lines[2]
+    assert sdk.monitor([6], 1, include_out_of_distribution=True).include_out_of_distribution
+
+
 def test_token_table_without_features() -> None:
     table = token_table([pb.Token(position=0, id=1, text="x" * 40)], [])
     assert table.splitlines()[1] == "    0  '" + "x" * 14 + "…"  # cut to TOKEN_WIDTH

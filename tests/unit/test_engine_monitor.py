@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from resae_serve.context import OutOfDistribution, TrainingContext
 from resae_serve.engine.monitor import Monitor, StepCapture
 from resae_serve.engine.rpc import MonitorEvent
 from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector, Threshold
@@ -146,3 +147,55 @@ def test_steered_tokens_report_the_codes_of_their_edited_activations(architectur
                                        atol=1e-5, rtol=0)
     assert not torch.equal(want[LAYERS[1]][2:5], clean_z[2:5])   # the edits changed the codes
     torch.testing.assert_close(want[LAYERS[1]][:2], clean_z[:2], atol=1e-6, rtol=0)
+
+
+TRAINED = TrainingContext(prepend_bos=True, skip_bos=True, outlier_norm_ratio=10.0,
+                          reference_norms=(5.0, 5.0))
+
+
+def _outlier_acts() -> dict[int, torch.Tensor]:
+    """Five tokens; token 3 has a massive norm at the second layer only (> 10 × 5.0)."""
+    acts = tiny_acts(5)
+    acts[LAYERS[1]][3] *= 60.0 / float(acts[LAYERS[1]][3].norm())
+    return acts
+
+
+@pytest.mark.parametrize("context, want", [
+    (TRAINED, {LAYERS[0]: [1, 0, 0, 0, 0], LAYERS[1]: [1, 0, 0, 2, 0]}),
+    (TrainingContext.unknown(), {LAYERS[0]: [1, 0, 0, 0, 0], LAYERS[1]: [1, 0, 0, 0, 0]}),
+    (TrainingContext(False, False, 10.0, (5.0, 5.0)),      # trained on first positions
+     {LAYERS[0]: [0, 0, 0, 0, 0], LAYERS[1]: [0, 0, 0, 2, 0]}),
+])
+def test_records_flag_positions_outside_the_training_distribution(
+        context: TrainingContext, want: dict[int, list[int]]) -> None:
+    resae, acts = tiny_resae(), _outlier_acts()
+    monitor = Monitor(resae)
+    monitor.context = context
+    spec = MonitorSpec(LAYERS, top_k=2)
+    monitor.register("a", spec)
+    monitor.submit(_step(resae, acts, spec))
+    got: dict[int, list[int]] = {layer: [] for layer in LAYERS}
+    for r in monitor.take("a"):
+        got[r.layer].append(r.out_of_distribution)
+    assert got == want
+    assert OutOfDistribution(want[LAYERS[1]][3]).name in ("NONE", "NORM_OUTLIER")
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_threshold_events_skip_out_of_distribution_positions_unless_asked(
+        include: bool) -> None:
+    resae, acts = tiny_resae(), _outlier_acts()
+    monitor = Monitor(resae)
+    monitor.context = TRAINED
+    layer = LAYERS[1]
+    spec = MonitorSpec((layer,), watch=(0,), thresholds=(Threshold(layer, 0, 0.0),),
+                       include_out_of_distribution=include)   # 0.0: fires on every token
+    monitor.register("a", spec)
+    monitor.submit(_step(resae, acts, spec))
+    records = monitor.take("a")
+    fired = [r.position for r in records if r.events]
+    assert fired == ([0, 1, 2, 3, 4] if include else [1, 2, 4])
+    assert [r.out_of_distribution for r in records] == [1, 0, 0, 2, 0]   # reported either way
+    assert all(len(r.watch) == 1 for r in records)
+    back = SteeringSpec.from_extra_args(SteeringSpec(monitor=spec).to_extra_args())
+    assert back is not None and back.monitor.include_out_of_distribution == include

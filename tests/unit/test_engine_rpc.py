@@ -21,6 +21,8 @@ RECORD = MonitorRecord("req-1", 7, 12, (3, 9), (2.5, 0.25), (0.0, 2.5), (0.5, -1
                        (MonitorEvent(7, 12, 9, 2.5, 2.0),))
 INFO = EngineInfo((6, 12), (256, 512), 576, 8)
 STATS = EngineStats(1, 2, 0, 3, 4, 5, 6, 1.5, 0.25, 0.125, 7, 1)
+RUNTIME = rpc.FeatureRuntimeInfo("onnxruntime", "cpu", "float32", 1, "/cache/exports/ab-v2",
+                                 "auto on a CPU host")
 
 
 def test_every_rpc_name_is_a_worker_method() -> None:
@@ -44,7 +46,11 @@ def test_wire_forms_round_trip_also_when_tuples_arrive_as_lists() -> None:
         assert isinstance(back.events[0], MonitorEvent)
     assert EngineInfo.from_wire(INFO.to_wire()) == INFO
     assert EngineStats.from_wire(STATS.to_wire()) == STATS
+    assert rpc.FeatureRuntimeInfo.from_wire(RUNTIME.to_wire()) == RUNTIME
     assert pickle.loads(pickle.dumps(RECORD)) == RECORD      # between workers (pickle)
+    flagged = RECORD._replace(out_of_distribution=2)
+    assert MonitorRecord.from_wire(flagged.to_wire()) == flagged
+    assert MonitorRecord.from_wire(RECORD.to_wire()[:-1]) == RECORD   # an older worker's form
 
 
 def test_results_survive_vllms_engine_core_transport() -> None:
@@ -61,12 +67,13 @@ def test_results_survive_vllms_engine_core_transport() -> None:
 
     # why the wire forms exist: a NamedTuple arrives as a plain list (nested ones too)
     plain = transported(RECORD)
-    assert type(plain) is list and plain[:3] == ["req-1", 7, 12] and plain[-1] == [
-        [7, 12, 9, 2.5, 2.0]]
+    assert type(plain) is list and plain[:3] == ["req-1", 7, 12] and plain[-2:] == [
+        [[7, 12, 9, 2.5, 2.0]], 0]
     taken = transported({"req-1": rpc.records_to_wire([RECORD])})
     assert {k: rpc.records_from_wire(v) for k, v in taken.items()} == {"req-1": [RECORD]}
     assert EngineInfo.from_wire(transported(INFO.to_wire())) == INFO
     assert EngineStats.from_wire(transported(STATS.to_wire())) == STATS
+    assert rpc.FeatureRuntimeInfo.from_wire(transported(RUNTIME.to_wire())) == RUNTIME
 
 
 class _Workers:
@@ -80,7 +87,8 @@ class _Workers:
                        ) -> list[Any]:
         self.calls.append((method, args))
         result = {Rpc.BIND: [6, 12], Rpc.INFO: INFO.to_wire(), Rpc.STATS: STATS.to_wire(),
-                  Rpc.TAKE: rpc.records_to_wire([RECORD])}[Rpc(method)]
+                  Rpc.TAKE: rpc.records_to_wire([RECORD]),
+                  Rpc.RUNTIME: RUNTIME.to_wire()}[Rpc(method)]
         return [result, None]
 
 
@@ -90,8 +98,9 @@ def test_typed_wrappers_call_the_named_methods() -> None:
     assert rpc.info(workers) == INFO
     assert rpc.stats(workers).op_s == 0.125
     assert rpc.take(workers, "req-1") == [RECORD]
+    assert rpc.runtime(workers) == RUNTIME
     assert workers.calls == [("resae_bind", ()), ("resae_info", ()), ("resae_stats", ()),
-                             ("resae_take", ("req-1",))]
+                             ("resae_take", ("req-1",)), ("resae_runtime", ())]
     assert all(type(method) is str for method, _ in workers.calls)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from resae_serve.engine.rpc import EngineInfo, MonitorEvent, MonitorRecord, Rpc
+from resae_serve.engine.rpc import EngineInfo, FeatureRuntimeInfo, MonitorEvent, MonitorRecord, Rpc
 from resae_serve.engine.serving import ResaeEngine, collect
 from resae_serve.engine.spec import MonitorSpec, SamplingSpec, SteerEdit, SteeringSpec, Threshold
 from resae_serve.interventions import InterventionError
@@ -75,6 +75,8 @@ class FakeEngine:
             return [None]
         if method == Rpc.INFO:
             return [INFO.to_wire()]
+        if method == Rpc.RUNTIME:
+            return [FeatureRuntimeInfo("onnxruntime", "cpu", "float32", 1, "/x").to_wire()]
         assert method == Rpc.TAKE_MANY
         # as msgpack delivers them: tuples become lists
         return [{key: [_listed(r.to_wire()) for r in self.records.pop(key, [])]
@@ -183,6 +185,7 @@ def test_connect_reads_info_and_liveness_comes_from_the_driver() -> None:
         fake = FakeEngine()
         engine = await ResaeEngine.connect(fake, max_configs=4)
         assert engine.info == INFO and engine.admission.max_configs == 1   # capped by the tables
+        assert engine.feature_runtime.backend == "onnxruntime"   # as the worker reports it
         sampling = SamplingSpec(max_tokens=3, temperature=0.5, seed=3, stop=("x",))
         stream = engine.generate(PROMPT, sampling, request_id="a",
                                  interventions=[SteerEdit(1, 2, "add", 1.0)])

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
 from resae_serve.engine.tables import SteeringTables, TablesFullError
+from resae_serve.export.convert import export_resae
+from resae_serve.export.graphs import graph_module, nest_inputs
+from resae_serve.export.spec import ExportConfig
 from resae_serve.interventions import InterventionError, edit_table
 from tests.unit.resae_fixtures import D_MODEL, D_SAE, LAYERS, tiny_acts, tiny_resae
 
@@ -199,3 +204,51 @@ def test_graph_body_inactive_pass_is_exact() -> None:
     before = hidden.clone()
     tables.apply(0, hidden, torch.randn(3, D_MODEL))
     assert torch.equal(hidden, before)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+@pytest.mark.parametrize("graph_body", [False, True])
+def test_engine_op_matches_exported_intervention_graph(tmp_path: Path, architecture: str,
+                                                       graph_body: bool) -> None:
+    """One meaning of edits at a residual layer: the engine's op body (layer 1 reads layer 0
+    as the edits left it) equals the export's intervention graph, as a torch module and as
+    an onnxruntime session of a real export, within 1e-4 (float32)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    resae = tiny_resae("resae", architecture)
+    manifest = export_resae(resae, tmp_path / "export", ExportConfig(graphs=("intervention",)))
+    edits = (SteerEdit(LAYERS[0], 3, "add", 2.0), SteerEdit(LAYERS[0], 5, "clamp", 4.0),
+             SteerEdit(LAYERS[1], 5, "clamp", 1.5), SteerEdit(LAYERS[1], 7, "scale", 3.0),
+             SteerEdit(LAYERS[1], 9, "ablate"))
+    tables = SteeringTables(resae, max_tokens=16, max_rows=9, graph_body=graph_body)
+    # request 0 unsteered (2 tokens), request 1 steered (5 tokens)
+    _step(tables, [None, SteeringSpec(edits=edits)], [2, 5], [0, 0], [2, 5])
+    acts = tiny_acts(7, seed=11)
+    before, after = _run_layers(tables, acts)
+    engine = {L: after[L] - before[L] for L in LAYERS}
+
+    edit_tables = {L: edit_table([e.feature_edit() for e in edits if e.layer == L], 7,
+                                 d_sae=D_SAE) for L in LAYERS}
+    for t in edit_tables.values():   # the unsteered request edits nothing
+        t.op[:2] = 0
+    flat = [acts[L] for L in LAYERS] + [
+        t for L in LAYERS for t in (edit_tables[L].feature, edit_tables[L].op,
+                                    edit_tables[L].value)]
+    with torch.no_grad():
+        module = graph_module("intervention", resae)(*nest_inputs("intervention", flat,
+                                                                  len(LAYERS)))
+        oracle = resae.intervention_deltas(acts, edit_tables)
+    entry = manifest.graphs[0]
+    session = ort.InferenceSession(str(manifest.path(entry)),
+                                   providers=["CPUExecutionProvider"])
+    onnx = session.run(entry.spec.output_names,
+                       dict(zip(entry.spec.input_names, (t.numpy() for t in flat), strict=True)))
+    assert torch.count_nonzero(oracle[LAYERS[1]][2:]) > 0
+    for i, L in enumerate(LAYERS):
+        for got in (module[i], torch.from_numpy(onnx[i]), oracle[L]):
+            torch.testing.assert_close(got, engine[L], atol=1e-4, rtol=0)
+    # the clean previous layer would mean something else here
+    with torch.no_grad():
+        clean = resae.intervention_delta(LAYERS[1], acts[LAYERS[1]], acts[LAYERS[0]],
+                                         edit_tables[LAYERS[1]])
+    assert float((clean - engine[LAYERS[1]]).abs().max()) > 1e-3

@@ -64,7 +64,7 @@ def test_float32_parity_is_exact_but_for_ties(exported: tuple[Path, Path]) -> No
     _, out = exported
     report = validate_export(out, tolerances={"float32": EXACT})
     graphs = {c.graph for c in report.checks}
-    assert graphs == {"encode", "intervention", "decode"} and report.passed
+    assert graphs == {"encode", "intervention", "decode", "encode_layer"} and report.passed
     assert max(c.max_abs for c in report.checks) <= 1e-4
     for check in report.checks:
         assert check.index_mismatch_tokens == 0
@@ -79,10 +79,12 @@ def test_graphs_have_the_spec_names_dynamic_tokens_and_metadata(
     artifact, out = exported
     manifest = read_export_manifest(out)
     resae, _ = load_artifact(artifact)
-    assert [g.spec.name for g in manifest.graphs] == ["encode", "intervention", "decode"]
+    assert [g.file for g in manifest.graphs] == [
+        "encode.onnx", "intervention.onnx", "decode.onnx",
+        *(f"encode_layer.L{L}.onnx" for L in LAYERS)]
     for entry in manifest.graphs:
         model = onnx.load(str(out / entry.file))
-        spec = graph_spec(entry.spec.name, manifest.layout)
+        spec = graph_spec(entry.spec.name, manifest.layout, layer=entry.spec.layer)
         assert [i.name for i in model.graph.input] == spec.input_names
         assert [o.name for o in model.graph.output] == spec.output_names
         assert model.opset_import[0].version >= 18
@@ -91,22 +93,29 @@ def test_graphs_have_the_spec_names_dynamic_tokens_and_metadata(
         props = {p.key: p.value for p in model.metadata_props}
         assert props["resae.fingerprint"] == manifest.fingerprint
         assert json.loads(props["resae.layers"]) == list(LAYERS)
-        assert props["resae.export_schema_version"] == "1"
+        assert props["resae.export_schema_version"] == "2"
         assert props["resae.package_version"] == __version__
         assert props["resae.model_fingerprint"] == IDENTITY.fingerprint
         assert props["resae.graph"] == entry.spec.name
+        assert props.get("resae.layer") == (None if entry.spec.layer is None
+                                            else str(entry.spec.layer))
     encode = graph_spec("encode", manifest.layout)
     assert encode.input_names == ["h_1", "h_3", "watch_1", "watch_3"]
     assert encode.output_names == ["indices_1", "values_1", "watched_1",
                                    "indices_3", "values_3", "watched_3"]
     assert manifest.layout.k == (K, K) and manifest.layout.mode == resae.mode
+    residual = resae.mode == "resae"     # the per-layer graph of a residualized layer
+    assert graph_spec("encode_layer", manifest.layout, layer=LAYERS[1]).input_names == (
+        ["h", "h_prev", "watch"] if residual else ["h", "watch"])
+    assert graph_spec("encode_layer", manifest.layout, layer=LAYERS[0]).output_names == [
+        "indices", "values", "watched"]
 
 
 def test_float16_is_within_its_stated_tolerance(exported_fp16: tuple[Path, Path]) -> None:
     _, out = exported_fp16
     report = validate_export(out)  # default tolerances: float16 atol 1e-2 + rtol 1e-2 · max
     fp16 = [c for c in report.checks if c.precision == "float16"]
-    assert len(fp16) == 2 * (3 * 2 + 2 + 2) and report.passed
+    assert len(fp16) == 2 * (3 * 2 + 2 + 2 + 3 * 2) and report.passed   # + encode_layer
     assert max(c.max_rel for c in fp16) <= 5e-3
     assert all(c.index_mismatch_tokens == 0 for c in fp16)
 

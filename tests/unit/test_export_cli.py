@@ -135,8 +135,8 @@ from resae_serve.export import convert
 _graph_module = convert.graph_module
 
 
-def _corrupted(name, resae, precision="float32"):
-    module = _graph_module(name, resae, precision)
+def _corrupted(name, resae, precision="float32", layer=None):
+    module = _graph_module(name, resae, precision, layer)
     with torch.no_grad():
         module.get_buffer("blocks.0.W_dec").mul_(1.5)
     return module
@@ -160,11 +160,14 @@ def test_console_export_check_of_an_exact_export(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-4:] == [
+    layers = exact_resae().layers
+    assert lines[-6:] == [
         "parity vs torch ReSAE (onnxruntime CPU), worst per graph:",
         f"  {'encode.onnx':24s} exact: max abs 0 in all 12 checks",
         f"  {'intervention.onnx':24s} exact: max abs 0 in all 4 checks",
         f"  {'decode.onnx':24s} exact: max abs 0 in all 4 checks",
+        *(f"  {f'encode_layer.L{L}.onnx':24s} exact: max abs 0 in all 6 checks"
+          for L in layers),
     ]
     assert json.loads((tmp_path / "exp" / EXPORT_MANIFEST).read_text())["validation"]["passed"]
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from resae_serve.artifact import ArtifactError, ModelIdentity, load_artifact
+from resae_serve.context import TrainingContext
 from resae_serve.importers import import_dictionary, import_saelens
 from tests.unit.import_fixtures import (
     ATOL,
@@ -185,6 +186,8 @@ def test_hook_names_map_to_block_outputs(tmp_path: Path, hook_name: str, layer: 
     manifest = load_artifact(out)[1]
     assert manifest.layers == (layer,)
     assert manifest.training["hooks"] == {str(layer): hook_name}
+    # how SAELens read text is not known: first-position rule only, no norm rule
+    assert manifest.context == TrainingContext.unknown("imported")
 
 
 @pytest.mark.parametrize("hook_name", [

@@ -81,6 +81,29 @@ def test_intervention_deltas_equal_hand_computation(mode: str) -> None:
     torch.testing.assert_close(delta, want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["resae", "layerwise"])
+def test_chained_deltas_read_the_edited_previous_layer(mode: str) -> None:
+    """Edits at two layers of one pass: a residualized layer reads ``h_prev + δ_prev``."""
+    resae = tiny_resae(mode)  # type: ignore[arg-type]
+    acts = tiny_acts()
+    n = len(acts[1])
+    t0 = edit_table([FeatureEdit(1, 3, "add", 4.0)], n, d_sae=D_SAE)
+    d0 = resae.intervention_delta(1, acts[1], None, t0)
+    with torch.no_grad():  # ablate each token's strongest latent of layer 3 after the edit
+        top = resae.saes[1].encode(resae.sae_input(1, acts[3], acts[1] + d0)).argmax(1)
+    t1 = EditTable(top[:, None], torch.full((n, 1), int(EditOp.ABLATE)), torch.zeros(n, 1))
+    deltas = resae.intervention_deltas(acts, {1: t0, 3: t1})
+    d1 = resae.intervention_delta(3, acts[3], acts[1] + d0, t1)
+    torch.testing.assert_close(deltas[1], d0, atol=0, rtol=0)
+    torch.testing.assert_close(deltas[3], d1, atol=0, rtol=0)
+    clean = resae.intervention_delta(3, acts[3], acts[1], t1)
+    assert (mode == "resae") == (not torch.allclose(clean, d1, atol=1e-3))
+    only_first = resae.intervention_deltas(acts, {1: t0})
+    assert torch.count_nonzero(only_first[3]) == 0
+    with pytest.raises(InterventionError, match=r"edit tables name layers \[2\]"):
+        resae.intervention_deltas(acts, {2: t0})
+
+
 def test_clamp_pins_the_feature_when_reencoded() -> None:
     """Clamp is error-preserving: after the edit the feature reads the pinned value."""
     resae = tiny_resae("layerwise", architecture="relu")

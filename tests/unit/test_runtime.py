@@ -55,8 +55,7 @@ def test_backends_agree_with_each_other_and_the_resae(folder: tuple[ReSAE, Path]
         dense = resae.encode_dense(acts)  # watched features read the dense code
         sparse = {L: torch.zeros(n_tokens, D_SAE).scatter(1, c.indices, c.values)
                   for L, c in resae.encode(acts).items()}  # top-k truncated (ReLU, JumpReLU)
-        want_delta = {L: resae.intervention_delta(L, acts[L], acts[LAYERS[0]] if i else None,
-                                                  tables[L]) for i, L in enumerate(LAYERS)}
+        want_delta = resae.intervention_deltas(acts, tables)  # residual layer reads h + δ
     for runtime in _runtimes(out):
         encoded = runtime.encode(acts, watch)
         for L in LAYERS:

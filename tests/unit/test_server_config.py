@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from resae_serve.context import OutOfDistribution
 from resae_serve.engine.memory import GIB, RUNTIME_BYTES, default_kv_cache_bytes
+from resae_serve.engine.serving import TokenFeatures
 from resae_serve.server.codegen import PACKAGE_DIR, generate
 from resae_serve.server.config import (
     KV_ENV,
@@ -22,7 +24,13 @@ from resae_serve.server.config import (
     with_model_defaults,
     with_overrides,
 )
-from resae_serve.server.convert import RequestError, interventions, monitor_spec
+from resae_serve.server.convert import (
+    RequestError,
+    feature_messages,
+    features_json,
+    interventions,
+    monitor_spec,
+)
 from resae_serve.server.v1 import resae_pb2 as pb
 
 
@@ -64,6 +72,8 @@ def test_config_from_toml_and_flag_overrides(tmp_path: Path) -> None:
     ({"dictionary": "d", "engine": {"max_num_seqs": 0}}, "engine.max_num_seqs=0"),
     ({"dictionary": "d", "engine": {"op_mode": "full"}},
      "engine.op_mode='full'; allowed: graph, split"),
+    ({"dictionary": "d", "engine": {"runtime": "onnx"}},
+     "engine.runtime='onnx' (--runtime); allowed: auto, torch, onnxruntime, tensorrt"),
 ])
 def test_bad_config_names_the_field(data: dict[str, object], message: str) -> None:
     with pytest.raises(ServerConfigError) as info:
@@ -106,6 +116,9 @@ def test_monitor_conversion() -> None:
     spec = monitor_spec(pb.MonitorRequest(layers=[6], top_k=2, watch=[1], thresholds=[
         pb.Threshold(layer=6, feature=1, value=0.5)]), limits)
     assert (spec.layers, spec.top_k, spec.watch, spec.thresholds[0].value) == ((6,), 2, (1,), 0.5)
+    assert not spec.include_out_of_distribution               # events skip them by default
+    assert monitor_spec(pb.MonitorRequest(layers=[6], top_k=1, include_out_of_distribution=True),
+                        limits).include_out_of_distribution
     for request, message in [
         (pb.MonitorRequest(layers=[6, 6], top_k=1), "repeats a layer"),
         (pb.MonitorRequest(layers=[6], top_k=5), "monitor.top_k=5; allowed 0..4"),
@@ -117,6 +130,22 @@ def test_monitor_conversion() -> None:
             monitor_spec(request, limits)
     with pytest.raises(RequestError, match=r"monitor\.layers is empty"):
         monitor_spec(pb.MonitorRequest(), limits, require_layers=True)
+
+
+def test_features_say_why_a_position_is_out_of_distribution() -> None:
+    features = [TokenFeatures(0, 6, (1,), (2.0,), (), (), int(OutOfDistribution.FIRST_POSITION)),
+                TokenFeatures(1, 6, (1,), (0.5,), ()),
+                TokenFeatures(2, 6, (1,), (9.0,), (), (), int(OutOfDistribution.NORM_OUTLIER))]
+    messages = feature_messages(features)
+    assert [(m.out_of_distribution, m.out_of_distribution_reason) for m in messages] == [
+        (True, pb.OUT_OF_DISTRIBUTION_FIRST_POSITION), (False, 0),
+        (True, pb.OUT_OF_DISTRIBUTION_NORM_OUTLIER)]
+    for reason in OutOfDistribution:       # one numbering in the library and the API
+        assert pb.OutOfDistribution.Name(int(reason)).endswith(
+            "UNSPECIFIED" if reason == OutOfDistribution.NONE else reason.name)
+    body = features_json(features, [])     # the HTTP API's JSON mapping
+    assert body["features"][0]["outOfDistributionReason"] == "OUT_OF_DISTRIBUTION_FIRST_POSITION"
+    assert body["features"][1]["outOfDistribution"] is False
 
 
 def test_server_config_defaults_are_valid() -> None:
@@ -227,3 +256,21 @@ def test_serve_flag_for_the_http_api() -> None:
                                              "--metrics-port", "-1"]))
     assert (config.http_port, config.metrics_port) == (8000, None)
     assert build_config(parser.parse_args(["serve", "d", "--http-port", "-1"])).http_port is None
+
+
+def test_serve_flag_and_config_key_for_the_feature_runtime(tmp_path: Path) -> None:
+    import argparse
+
+    from resae_serve.cli.serve import add_parser, build_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    assert build_config(parser.parse_args(["serve", "d"])).engine.runtime == "auto"
+    assert build_config(parser.parse_args(["serve", "d", "--runtime", "torch"])
+                        ).engine.runtime == "torch"
+    path = tmp_path / "serve.toml"
+    path.write_text('dictionary = "d"\nexport = "d.onnx"\n[engine]\nruntime = "onnxruntime"\n')
+    config = build_config(parser.parse_args(["serve", "--config", str(path)]))
+    assert config.engine.runtime == "onnxruntime" and config.export == Path("d.onnx")
+    with pytest.raises(SystemExit):                      # argparse names the choices
+        parser.parse_args(["serve", "d", "--runtime", "tvm"])

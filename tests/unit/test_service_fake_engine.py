@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from resae_serve.artifact import read_manifest, save_artifact
-from resae_serve.engine.rpc import EngineInfo, MonitorEvent
+from resae_serve.engine.rpc import EngineInfo, FeatureRuntimeInfo, MonitorEvent
 from resae_serve.engine.serving import (
     GenerationChunk,
     Intervention,
@@ -59,6 +59,7 @@ class FakeEngine:
 
     def __init__(self) -> None:
         self.info = EngineInfo(LAYERS, (D_SAE,) * len(LAYERS), D_MODEL, 4)
+        self.feature_runtime = FeatureRuntimeInfo("onnxruntime", "cpu", "float32", 1, "/x")
         self.sampling: dict[str, SamplingSpec] = {}
         self.steering: dict[str, SteeringSpec] = {}
         self.prompts: dict[str, list[int]] = {}
@@ -271,7 +272,10 @@ def test_dictionary_and_catalog_calls(served: tuple[ResaeServer, FakeEngine]) ->
         reply = client.get_dictionary()
         assert [(x.layer, x.d_sae) for x in reply.layers] == [(1, D_SAE), (3, D_SAE)]
         assert reply.d_model == D_MODEL and reply.limits.max_tokens == 16
+        assert reply.backend == "onnxruntime"              # what the engine's worker reports
         code, message = _code(lambda: client.get_feature(1, 0))
+    assert ('resae_feature_runtime_info{backend="onnxruntime",provider="cpu"} 1.0'
+            in server.metrics.render().decode())
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "no feature catalog" in message
 
 

@@ -119,6 +119,11 @@ def test_resae_train_cli_on_tiny_model(
     resae, manifest = load_artifact(out)
     assert manifest.layers == (1, 3) and resae.saes[0].config.d_sae == 64
     assert manifest.training["tokens_seen"] == 1500
+    context = manifest.context             # how training read text, for the serving rule
+    assert (context.prepend_bos, context.skip_bos, context.outlier_norm_ratio) == (
+        True, True, 10.0)
+    assert context.reference_norms is not None and len(context.reference_norms) == 2
+    assert all(n > 0 for n in context.reference_norms)
     assert (out / "training_curves.png").stat().st_size > 1000
     assert not (tmp_path / "runs" / "dict.checkpoint.pt").exists()
     # unknown setting in the config file is named
