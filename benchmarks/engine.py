@@ -16,7 +16,14 @@ workload runs side by side in one process, so ratios compare like with like:
 requests ("both ×4" workload, K distinct configs) with the same tables, op body and monitor code the
 engine runs: host fill (spec lookup + ``prepare_step``), the op body per layer (encode for
 clamp, deltas, capture copy), the monitor's encode of that step and its record building.
-Usage: ``python -m benchmarks.engine [--dictionary DIR] [--batches 1 8 32] [--profile]``.
+``--runtimes torch onnxruntime`` compares the monitor's feature runtimes (issue 14): one engine
+per runtime, one after the other in one run, each measuring plain, monitor-only (top-8 at all 4
+layers) and steer + monitor (2 edits + that monitoring) at ``--batches``, interleaved rounds;
+ratios are against the plain cell of the same engine. Before the engines, the monitor's
+per-layer encode through each runtime is timed without vLLM (1 thread, as in the worker)
+against a bare matmul of the encoder's shape measured in the same run.
+Usage: ``python -m benchmarks.engine [--dictionary DIR] [--batches 1 8 32] [--profile]
+[--runtimes torch onnxruntime]``.
 """
 
 from __future__ import annotations
@@ -232,6 +239,76 @@ def profile_op(folder: Path, batch: int, configs: int) -> str:
                          + " |" for r, name in enumerate(names)))
 
 
+def encode_rates(folder: Path, tokens: tuple[int, ...] = (1, 8, 32, 256)) -> str:
+    """The monitor's per-layer encode through each runtime against a bare float32 matmul of
+    the encoder's shape (``tokens × d_model @ d_model × d_sae``), one thread, in this run."""
+    from resae_serve.artifact import load_artifact
+    from resae_serve.engine.encoders import build_encoder
+    from resae_serve.export.cache import cached_export
+
+    resae, _ = load_artifact(folder)
+    export = cached_export(folder).folder
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    encoders = {name: build_encoder(resae, name, export) for name in ("torch", "onnxruntime")}
+    i = 1                                    # a residual layer: affine prediction included
+    sae = resae.saes[i]
+    rows = []
+    try:
+        for n in tokens:
+            h = float(resae.scales[i]) * torch.randn(n, resae.d_model)
+            h_prev = float(resae.scales[i - 1]) * torch.randn(n, resae.d_model)
+            w = sae.W_enc.detach().contiguous()
+            with torch.no_grad():
+                mm = _timed(lambda h=h, w=w: h @ w)
+            flops = 2 * n * resae.d_model * sae.config.d_sae
+            cells = [f"{mm:.3f}", f"{flops / mm / 1e6:.1f}"]
+            for encoder in encoders.values():
+                ms = _timed(lambda h=h, h_prev=h_prev, e=encoder: e.codes(i, h, h_prev, [3], 8))
+                cells += [f"{ms:.3f}", f"{n / ms * 1000:,.0f}", f"{mm / ms:.2f}"]
+            rows.append(f"| {n} | " + " | ".join(cells) + " |")
+    finally:
+        torch.set_num_threads(threads)
+    return ("| tokens | matmul ms | matmul GFLOP/s | torch encode ms | torch tokens/s | "
+            "torch matmul share | ORT encode ms | ORT tokens/s | ORT matmul share |\n"
+            "| ---: |" + " ---: |" * 8 + "\n" + "\n".join(rows))
+
+
+def compare_runtimes(folder: Path, runtimes: list[str], batches: list[int], rounds: int,
+                     max_tokens: int, eager: bool) -> str:
+    """Plain / monitor / steer + monitor per batch, one engine per monitor runtime."""
+    import gc
+
+    from resae_serve.engine.llm import build_llm
+
+    rows = []
+    for runtime in runtimes:
+        llm = build_llm("smollm2-135m", folder, max_model_len=256,
+                        max_num_seqs=max(batches), enforce_eager=eager, runtime=runtime)
+        try:
+            _run(llm, "both", 2, 1, 4)            # warm the monitor thread and first shapes
+            for batch in batches:
+                cells = ("plain", "monitor", "both")
+                runs: dict[str, list[Measured]] = {kind: [] for kind in cells}
+                for _ in range(rounds):
+                    for kind in cells:
+                        runs[kind].append(_run(llm, kind, batch, 1, max_tokens))
+                plain = statistics.median(m.tokens_per_s for m in runs["plain"])
+                for kind in cells:
+                    m = Measured(*(statistics.median(v) for v in zip(*runs[kind], strict=True)))
+                    name = {"plain": "plain", "monitor": "monitor only",
+                            "both": "steer (2 edits) + monitor"}[kind]
+                    rows.append(f"| {runtime} | {batch} | {name} | {m.tokens_per_s:.0f} | "
+                                f"{m.forward_ms:.1f} | {m.tokens_per_s / plain:.3f} |")
+                    print(rows[-1], flush=True)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+    return ("| monitor runtime | batch | workload | output tok/s | forward ms | vs plain |\n"
+            "| --- | ---: | --- | ---: | ---: | ---: |\n" + "\n".join(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dictionary", type=Path, default=None)
@@ -244,8 +321,33 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="time the hook's pieces only")
     parser.add_argument("--profile-batch", type=int, default=32)
     parser.add_argument("--profile-configs", type=int, default=32)
+    parser.add_argument("--runtimes", nargs="+", choices=("torch", "onnxruntime"),
+                        help="compare the monitor's feature runtimes (see the docstring)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.runtimes:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        folder = args.dictionary or random_dictionary(Path(tempfile.mkdtemp()) / "dict")
+        rates = encode_rates(folder)
+        print(rates, flush=True)
+        table = compare_runtimes(folder, args.runtimes, args.batches, args.rounds,
+                                 args.max_tokens, args.eager)
+        print(table)
+        if not args.no_append:
+            mode = "eager" if args.eager else "compiled (torch.compile, Inductor)"
+            append_results(
+                f"Monitor feature runtimes: torch vs onnxruntime, SmolLM2-135M, {mode}",
+                "python -m benchmarks.engine --runtimes " + " ".join(args.runtimes)
+                + f" --batches {' '.join(map(str, args.batches))} --rounds {args.rounds}",
+                rates + "\n\n" + table,
+                "First table: one layer's monitor encode (layer 12, residual: affine "
+                "prediction + encoder + top-8 + 1 watched feature), 1 thread, median of 30 "
+                "calls, against a bare float32 matmul of the encoder's shape in the same run "
+                "(matmul share = matmul ms / encode ms). Second: one engine per runtime, "
+                f"{args.max_tokens} greedy tokens per request, 1 steering config, top-8 "
+                f"monitoring at all 4 layers, median of {args.rounds} interleaved rounds; "
+                "vs plain = the same engine's plain cell.")
+        return
     if args.profile:
         folder = args.dictionary or random_dictionary(Path(tempfile.mkdtemp()) / "dict")
         table = profile_op(folder, args.profile_batch, args.profile_configs)
