@@ -98,6 +98,13 @@ class LayerWeights(nn.Module):
         values, indices = dense.topk(self.k, dim=-1)
         return indices, values, dense
 
+    def encode(self, u: Tensor, watch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(indices, values, watched)`` of SAE input ``u`` (N, d): the top-k slots and the
+        dense codes of the latents ``watch`` (W,)."""
+        indices, values, dense = self.top_k(u)
+        ids = watch[None, :].expand(u.shape[0], -1)  # (N, W)
+        return indices, values, self.code_at(indices, values, dense, ids)
+
     @staticmethod
     def code_at(indices: Tensor, values: Tensor, dense: Tensor | None, ids: Tensor) -> Tensor:
         """Dense code of latents ``ids`` (N, E): a gather, or a match among the k slots."""
@@ -140,9 +147,7 @@ class EncodeGraph(_Chain):
     def forward(self, h: tuple[Tensor, ...], watch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         out: list[Tensor] = []
         for i, u in enumerate(self.inputs(h)):
-            indices, values, dense = self.block(i).top_k(u)
-            ids = watch[i][None, :].expand(u.shape[0], -1)  # (N, W)
-            out += [indices, values, LayerWeights.code_at(indices, values, dense, ids)]
+            out += self.block(i).encode(u, watch[i])
         return tuple(out)
 
 
@@ -205,9 +210,7 @@ class LayerEncodeGraph(nn.Module):
         """``inputs``: ``(h, h_prev, watch)`` for a residualized layer, else ``(h, watch)``."""
         h, watch = inputs[0], inputs[-1]
         h_prev = inputs[1] if self.block.residualized else None
-        indices, values, dense = self.block.top_k(self.block.sae_input(h, h_prev))
-        ids = watch[None, :].expand(h.shape[0], -1)  # (N, W)
-        return indices, values, LayerWeights.code_at(indices, values, dense, ids)
+        return self.block.encode(self.block.sae_input(h, h_prev), watch)
 
 
 GRAPH_MODULES: dict[str, type[_Chain]] = {

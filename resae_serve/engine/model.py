@@ -35,8 +35,9 @@ import torch
 from torch import nn
 from vllm.config import VllmConfig
 
-from resae_serve.artifact import load_artifact, read_manifest
+from resae_serve.artifact import load_artifact
 from resae_serve.blocks import block_list
+from resae_serve.context import TrainingContext
 from resae_serve.engine import op
 from resae_serve.engine.encoders import MonitorEncoder, build_encoder
 from resae_serve.engine.hook import StepHook
@@ -142,13 +143,14 @@ def _steerable(block_cls: type[nn.Module]) -> type[nn.Module]:
     return steerable
 
 
-def _load_tables(vllm_config: VllmConfig) -> SteeringTables:
+def _load_tables(vllm_config: VllmConfig) -> tuple[SteeringTables, TrainingContext]:
+    """The steering tables of the dictionary, and the context it was trained in."""
     hf_config = vllm_config.model_config.hf_config
     folder = getattr(hf_config, "resae_dictionary", None)
     if not folder:
         raise ValueError("the ReSAE model needs hf_overrides['resae_dictionary'] (a "
                          "dictionary folder)")
-    resae, _ = load_artifact(Path(folder))
+    resae, manifest = load_artifact(Path(folder))
     max_configs = int(getattr(hf_config, "resae_max_configs", DEFAULT_MAX_CONFIGS))
     body = getattr(hf_config, "resae_op_body", None)
     return SteeringTables(
@@ -156,7 +158,7 @@ def _load_tables(vllm_config: VllmConfig) -> SteeringTables:
         max_rows=2 * max_configs + 1, dtype=_torch_dtype(vllm_config.model_config.dtype),
         screen=os.environ.get("RESAE_BF16_SCREEN", "1") != "0",
         device=torch.device(vllm_config.device_config.device_type),
-        graph_body=None if body is None else body == "graph")
+        graph_body=None if body is None else body == "graph"), manifest.context
 
 
 def _monitor_encoder(hf_config: Any, tables: SteeringTables) -> MonitorEncoder:
@@ -178,13 +180,10 @@ class _ResaeMixin(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         global _hook
-        tables = _load_tables(vllm_config)
+        tables, context = _load_tables(vllm_config)
         op.install_tables(tables)
-        _hook = StepHook(tables, Monitor(tables.resae, encoder=_monitor_encoder(
+        _hook = StepHook(tables, Monitor(tables.resae, context=context, encoder=_monitor_encoder(
             vllm_config.model_config.hf_config, tables)))
-        # which monitored positions lie outside the dictionary's training distribution
-        _hook.monitor.context = read_manifest(
-            Path(vllm_config.model_config.hf_config.resae_dictionary)).context
         # The base class sees the architecture name it was registered for: vLLM's
         # Transformers backend looks up weight renamings by it (GPT-NeoX: embed_out -> lm_head).
         hf_config = vllm_config.model_config.hf_config

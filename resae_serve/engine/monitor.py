@@ -120,18 +120,19 @@ _QueueItem = StepCapture | _Discard | tuple[str, MonitorSpec | None]
 class Monitor:
     """Background encoder of :class:`StepCapture` records; results fetched by request key."""
 
-    context: TrainingContext = TrainingContext.unknown()
-    """How the dictionary was trained (from its manifest; set by the engine after building
-    the monitor): which positions the records flag as out of distribution."""
-
     def __init__(self, resae: ReSAE, *, max_pending: int = 64,
-                 encoder: MonitorEncoder | None = None) -> None:
+                 encoder: MonitorEncoder | None = None,
+                 context: TrainingContext | None = None) -> None:
         self.resae = resae
+        self.context = context or TrainingContext.unknown()
+        """How the dictionary was trained (its manifest's ``training_context``): which
+        positions the records flag as out of distribution."""
         self.encoder: MonitorEncoder = encoder or TorchEncoder(resae)
         """Encodes one layer's captured tokens (:mod:`~resae_serve.engine.encoders`)."""
         device = resae.saes[0].W_dec.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.specs: dict[str, MonitorSpec] = {}
+        self._hint_cache: dict[int, tuple[list[int], int]] = {}   # cleared when specs change
         self.results: dict[str, list[MonitorRecord]] = defaultdict(list)
         self.stalled_steps = 0
         self.recomputed = 0
@@ -202,13 +203,7 @@ class Monitor:
         if take is not None:
             take = take.to(h.device)
             h, h_prev = h[take], None if h_prev is None else h_prev[take]
-        # What any monitored request may read at this layer (a superset of this step's):
-        # encoders without the dense code compute exactly these.
-        layer = self.resae.layers[i]
-        specs = [s for s in self.specs.values() if layer in s.layers]
-        watch = sorted({f for s in specs for f in s.watch}
-                       | {t.feature for s in specs for t in s.thresholds if t.layer == layer})
-        top_k = max((s.top_k for s in specs), default=0)
+        watch, top_k = self._hints(i)
         codes = self.encoder.codes(i, h, h_prev, watch, top_k)
         if self._stream is None:
             return codes
@@ -216,6 +211,18 @@ class Monitor:
                 if isinstance(codes, SparseCodes) else codes.to("cpu", non_blocking=True))
         self._stream.synchronize()
         return host
+
+    def _hints(self, i: int) -> tuple[list[int], int]:
+        """What any monitored request may read at dictionary position ``i`` (a superset of
+        one step's): the watched and thresholded features, and the largest top-k. Encoders
+        without the dense code compute exactly these. Kept until the specs change."""
+        if i not in self._hint_cache:
+            layer = self.resae.layers[i]
+            specs = [s for s in self.specs.values() if layer in s.layers]
+            watch = sorted({f for s in specs for f in s.watch}
+                           | {t.feature for s in specs for t in s.thresholds if t.layer == layer})
+            self._hint_cache[i] = watch, max((s.top_k for s in specs), default=0)
+        return self._hint_cache[i]
 
     def _records(self, step: StepCapture, i: int, capture: LayerCapture,
                  idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
@@ -281,6 +288,7 @@ class Monitor:
                 key, spec = step
                 for layer in self.resae.layers:
                     self._seen.pop((key, layer), None)
+                self._hint_cache.clear()
                 if spec is None:
                     self.specs.pop(key, None)
                     if key in self._discarded:
