@@ -2,18 +2,22 @@
 API of :mod:`~resae_serve.server.http` on the same engine); ``serve()`` runs it until
 SIGTERM/SIGINT.
 
-``create_server(config)`` checks the dictionary against the model, binds the port (0 picks a
-free one, so tests run side by side) and returns ``(server, port)`` without starting the
-engine; :meth:`ResaeServer.start` starts serving at once with health ``NOT_SERVING`` and loads
-the vLLM engine in the background (a minute or more); health turns ``SERVING`` when it is
-ready and back to ``NOT_SERVING`` if it dies (a watchdog polls it): calls in flight end
-``UNAVAILABLE``, and an engine the server owns is rebuilt (``restart_attempts`` tries with
-exponential backoff from ``restart_backoff_s``; ``restart_engine = false`` turns that off), after
-which health is ``SERVING`` again; a shared engine is never rebuilt here. Before the engine
-loads, :func:`~resae_serve.server.config.check_memory` refuses a configuration whose weights,
-KV cache, dictionary and tables would not fit the memory available. :meth:`ResaeServer.stop`
-reports ``NOT_SERVING``, stops accepting calls, lets in-flight streams finish within
-``grace_s``, cancels the rest (their engine requests are aborted), then shuts the engine down.
+``create_server(config)`` checks the dictionary against the model (and the server-wide
+monitors of ``config.watch`` against the dictionary), binds the port (0 picks a free one, so
+tests run side by side) and returns ``(server, port)`` without starting the engine;
+:meth:`ResaeServer.start` starts serving at once with health ``NOT_SERVING`` and loads the vLLM
+engine in the background (a minute or more); health turns ``SERVING`` when it is ready and back
+to ``NOT_SERVING`` if it dies (a watchdog polls it): calls in flight end ``UNAVAILABLE``, and an
+engine the server owns is rebuilt (``restart_attempts`` tries with exponential backoff from
+``restart_backoff_s``; ``restart_engine = false`` turns that off), after which health is
+``SERVING`` again; a shared engine is never rebuilt here. Every engine the server adopts,
+rebuilt ones too, applies the server-wide monitors and reports them to the server's
+:class:`~resae_serve.server.watch.WatchHub` (metrics, ``WatchEvents``, the event log). Before
+the engine loads, :func:`~resae_serve.server.config.check_memory` refuses a configuration whose
+weights, KV cache, dictionary and tables would not fit the memory available.
+:meth:`ResaeServer.stop` reports ``NOT_SERVING``, ends ``WatchEvents`` streams, stops accepting
+calls, lets in-flight streams finish within ``grace_s``, cancels the rest (their engine
+requests are aborted), shuts the engine down, then closes the event log.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from grpc_reflection.v1alpha import reflection
 from resae_serve.artifact import Manifest
 from resae_serve.catalog import Catalog, CatalogError, load_catalog
 from resae_serve.engine.serving import ResaeEngine, ServingEngine
+from resae_serve.interventions import InterventionError
 from resae_serve.models import resolve_model
 from resae_serve.server.auth import BearerAuthInterceptor, load_tokens
 from resae_serve.server.config import (
     MAX_BACKOFF_S,
     ServerConfig,
+    ServerConfigError,
     check_dictionary,
     check_export,
     check_memory,
@@ -54,6 +60,7 @@ from resae_serve.server.metrics import ServerMetrics
 from resae_serve.server.service import ResaeService
 from resae_serve.server.tls import server_credentials
 from resae_serve.server.v1 import resae_pb2, resae_pb2_grpc
+from resae_serve.server.watch import WatchHub
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = resae_pb2.DESCRIPTOR.services_by_name["ResaeService"].full_name
@@ -91,8 +98,10 @@ class ResaeServer:
     def __init__(self, config: ServerConfig, server: grpc.aio.Server, port: int,
                  service: ResaeService, health: HealthServicer, metrics: ServerMetrics,
                  engine_factory: EngineFactory, http: HttpFrontend | None = None,
-                 http_port: int | None = None) -> None:
+                 http_port: int | None = None, watch_hub: WatchHub | None = None) -> None:
         self.config, self.server, self.port = config, server, port
+        self.watch_hub = watch_hub
+        """The server-wide monitors' hub (metrics, ``WatchEvents``, event log)."""
         self.http, self.http_port = http, http_port
         """The OpenAI-compatible HTTP API and its bound port (``config.http_port`` set)."""
         self.service, self.health, self.metrics = service, health, metrics
@@ -157,6 +166,8 @@ class ResaeServer:
 
     async def _adopt(self, engine: ServingEngine, owned: bool) -> None:
         """Serve with ``engine`` from now on: new calls reach it, health turns SERVING."""
+        # every engine, rebuilt ones too, applies the server-wide monitors and reports here
+        engine.set_guards(self.config.watch.policy(), self.watch_hub)
         self.engine, self.owns_engine = engine, owned
         self.service.attach(engine)
         runtime = self.service.runtime_info()
@@ -262,6 +273,8 @@ class ResaeServer:
         self.metrics.engine_up.set(0)
         logger.info("shutting down: %d stream(s) in flight, grace %.1f s",
                     self.service.active_streams + (self.http.active if self.http else 0), grace)
+        if self.watch_hub is not None:          # watch streams never end by themselves
+            self.watch_hub.end_streams()
         if self.http is None:
             await self.server.stop(grace)
         else:
@@ -277,6 +290,8 @@ class ResaeServer:
         self.metrics.track_configs(lambda: 0)
         gc.collect()
         self.metrics.stop_http()
+        if self.watch_hub is not None:          # after the engine: its last events are logged
+            await asyncio.to_thread(self.watch_hub.close)
         logger.info("stopped")
 
 
@@ -315,6 +330,12 @@ async def create_server(config: ServerConfig, *, engine_factory: EngineFactory =
     config = with_served_folders(config)
     check_runtime(config)
     manifest = manifest or check_dictionary(config)
+    try:                                # monitors and policy edits against the dictionary
+        config.watch.policy().validate(manifest.layers,
+                                       [c.d_sae for c in manifest.sae_configs],
+                                       manifest.d_model)
+    except InterventionError as exc:
+        raise ServerConfigError(f"watch: {exc}") from exc
     check_export(config)
     config = with_model_defaults(config)
     if engine_factory is build_engine:      # refuse now what would not fit
@@ -353,8 +374,10 @@ async def create_server(config: ServerConfig, *, engine_factory: EngineFactory =
     if config.http_port is not None:
         http = HttpFrontend(config, service, metrics, auth)
         http_port = http.bind(config.host, config.http_port)
+    watch_hub = WatchHub(config.watch, tokenizer, metrics)      # last: it opens the event log
+    service.watch_hub = watch_hub
     return ResaeServer(config, server, port, service, health, metrics, engine_factory, http,
-                       http_port), port
+                       http_port, watch_hub), port
 
 
 async def serve(config: ServerConfig) -> None:

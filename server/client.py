@@ -1,11 +1,15 @@
 """Client SDK of the resae.v1 gRPC API: request builders, a sync and an asyncio client.
 
-    from resae_serve.server.client import ResaeClient, add, monitor
+    from resae_serve.server.client import ResaeClient, add, clamp, condition, monitor
 
     with ResaeClient("127.0.0.1:50051", token="...") as client:
         done = client.complete("The cat", max_tokens=20, temperature=0.0,
                                interventions=[add(12, 345, 4.0)], monitor=monitor([12], top_k=3))
         print(done.text)
+        # a conditional edit: clamp 18:7 to 0 on the tokens where 12:345 reaches 4
+        client.complete("The cat", interventions=[clamp(18, 7, 0.0, when=condition(12, 345, 4.0))])
+        for event in client.watch_events(["toxicity"]):   # the server's monitors, all traffic
+            print(event)
 
 Methods return the proto messages (``resae_serve.server.v1.resae_pb2``); gRPC failures raise
 ``grpc.RpcError`` (``.code()``, ``.details()``), bad arguments ``ValueError`` and unusable TLS
@@ -21,7 +25,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeAlias
 
 import grpc
 import grpc.aio
@@ -39,6 +43,8 @@ EDIT_MODES: Mapping[str, pb.EditMode] = {
     "ablate": pb.EDIT_MODE_ABLATE,
 }
 ChatTurns = Sequence[tuple[str, str]] | Sequence[Mapping[str, str]]
+WatchMessage: TypeAlias = pb.WatchedEvent | pb.EventsDropped
+"""What ``watch_events`` yields: an event, or a notice of events dropped before the next."""
 
 
 # ----------------------------------------------------------------------------- builders
@@ -55,39 +61,54 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
+def condition(layer: int, feature: int, value: float, *, sticky: bool = False,
+              include_out_of_distribution: bool = False) -> pb.Condition:
+    """A gate for an intervention's ``when``: it applies on the tokens where ``feature``'s code
+    at ``layer`` (at or before the intervention's layer) is >= ``value``; ``sticky``: from the
+    first such token on."""
+    return pb.Condition(layer=layer, feature=feature, value=_finite("when.value", value),
+                        sticky=sticky, include_out_of_distribution=include_out_of_distribution)
+
+
 def edit(layer: int, feature: int, mode: str, value: float = 0.0,
-         phase: str = "all") -> pb.Intervention:
-    """An edit of one feature; ``mode`` is "add", "clamp", "scale" or "ablate"."""
+         phase: str = "all", *, when: pb.Condition | None = None) -> pb.Intervention:
+    """An edit of one feature; ``mode`` is "add", "clamp", "scale" or "ablate"; ``when``
+    (:func:`condition`) gates it per token."""
     return pb.Intervention(
-        layer=layer, phase=_choice("phase", phase, PHASES),
+        layer=layer, phase=_choice("phase", phase, PHASES), when=when,
         feature=pb.FeatureEdit(feature=feature, mode=_choice("mode", mode, EDIT_MODES),
                                value=_finite("value", value)))
 
 
-def add(layer: int, feature: int, value: float, phase: str = "all") -> pb.Intervention:
+def add(layer: int, feature: int, value: float, phase: str = "all", *,
+        when: pb.Condition | None = None) -> pb.Intervention:
     """Add ``value`` typical activations of the feature: h += value * s * d."""
-    return edit(layer, feature, "add", value, phase)
+    return edit(layer, feature, "add", value, phase, when=when)
 
 
-def clamp(layer: int, feature: int, value: float, phase: str = "all") -> pb.Intervention:
+def clamp(layer: int, feature: int, value: float, phase: str = "all", *,
+          when: pb.Condition | None = None) -> pb.Intervention:
     """Pin the feature's code to ``value`` (the SAE error stays in h)."""
-    return edit(layer, feature, "clamp", value, phase)
+    return edit(layer, feature, "clamp", value, phase, when=when)
 
 
-def scale(layer: int, feature: int, factor: float, phase: str = "all") -> pb.Intervention:
+def scale(layer: int, feature: int, factor: float, phase: str = "all", *,
+          when: pb.Condition | None = None) -> pb.Intervention:
     """Multiply the feature's code by ``factor``."""
-    return edit(layer, feature, "scale", factor, phase)
+    return edit(layer, feature, "scale", factor, phase, when=when)
 
 
-def ablate(layer: int, feature: int, phase: str = "all") -> pb.Intervention:
+def ablate(layer: int, feature: int, phase: str = "all", *,
+           when: pb.Condition | None = None) -> pb.Intervention:
     """Remove the feature from the block output."""
-    return edit(layer, feature, "ablate", 0.0, phase)
+    return edit(layer, feature, "ablate", 0.0, phase, when=when)
 
 
-def vector(layer: int, values: Iterable[float], phase: str = "all") -> pb.Intervention:
+def vector(layer: int, values: Iterable[float], phase: str = "all", *,
+           when: pb.Condition | None = None) -> pb.Intervention:
     """Add a raw d_model direction (not scaled) to the block output at ``layer``."""
     floats = [_finite("values[]", float(v)) for v in values]
-    return pb.Intervention(layer=layer, phase=_choice("phase", phase, PHASES),
+    return pb.Intervention(layer=layer, phase=_choice("phase", phase, PHASES), when=when,
                            vector=pb.SteeringVector(values=floats))
 
 
@@ -198,6 +219,10 @@ class Completion:
         for response in responses:
             completion.update(response)
         return completion
+
+
+def _watched(response: pb.WatchEventsResponse) -> WatchMessage:
+    return response.dropped if response.WhichOneof("kind") == "dropped" else response.event
 
 
 # ----------------------------------------------------------------------------- clients
@@ -318,6 +343,20 @@ class ResaeClient(_ClientBase):
         request = pb.SearchFeaturesRequest(text=text, top=top, layers=list(layers))
         return self._stub.SearchFeatures(request, **self._options())
 
+    def watch_events(self, monitors: Iterable[str] = (), *, timeout: float | None = None
+                     ) -> Iterator[WatchMessage]:
+        """Events of the server-wide ``monitors`` (empty: all) across all requests, as they
+        happen, until the iterator is closed or the server stops: ``WatchedEvent`` s, and an
+        ``EventsDropped`` before the next event when this reader fell behind. ``timeout`` is
+        this call's deadline (the client's does not apply: a watch has no natural end)."""
+        call = self._stub.WatchEvents(pb.WatchEventsRequest(monitors=list(monitors)),
+                                      metadata=self._metadata, timeout=timeout)
+        try:
+            for response in call:
+                yield _watched(response)
+        finally:
+            call.cancel()
+
 
 class AsyncResaeClient(_ClientBase):
     """The asyncio twin of :class:`ResaeClient` (``grpc.aio``); same arguments."""
@@ -425,3 +464,15 @@ class AsyncResaeClient(_ClientBase):
         request = pb.SearchFeaturesRequest(text=text, top=top, layers=list(layers))
         return await self._stub.SearchFeatures(
             request, **self._options())
+
+    async def watch_events(self, monitors: Iterable[str] = (), *,
+                           timeout: float | None = None) -> AsyncIterator[WatchMessage]:
+        """Events of the server-wide monitors (``async for``); as
+        :meth:`ResaeClient.watch_events`."""
+        call = self._stub.WatchEvents(pb.WatchEventsRequest(monitors=list(monitors)),
+                                      metadata=self._metadata, timeout=timeout)
+        try:
+            async for response in call:
+                yield _watched(response)
+        finally:
+            call.cancel()

@@ -13,13 +13,17 @@ import logging
 import math
 import os
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from resae_serve.artifact import ArtifactError, Manifest, load_artifact, read_manifest
+from resae_serve.engine.guards import GuardPolicy, ServerMonitor
 from resae_serve.engine.memory import MemoryPlan
+from resae_serve.engine.spec import Condition, SteerEdit, SteerVector
 from resae_serve.errors import ResaeError
+from resae_serve.interventions import InterventionError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,136 @@ class Limits:
         if self.default_max_tokens > self.max_tokens:
             raise ServerConfigError(f"limits.default_max_tokens={self.default_max_tokens} is "
                                     f"above limits.max_tokens={self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    """Server-wide monitoring (the ``[watch]`` table): monitors on all traffic, policy
+    interventions, ``WatchEvents`` buffers and the event log. ``monitors`` and
+    ``interventions`` are lists of tables::
+
+        [[watch.monitors]]
+        name = "toxicity"            # label in metrics and events
+        layer = 12
+        feature = 345
+        threshold = 4.0              # fires where the code is >= threshold
+        action = "stop"              # record | stop | steer
+        # edit = {layer = 18, feature = 7, mode = "clamp", value = 0.0}   (action steer)
+        # include_out_of_distribution = false
+
+        [[watch.interventions]]      # applied to every sampled request
+        layer = 18
+        feature = 7
+        mode = "clamp"
+        value = 0.0
+        when = {layer = 12, feature = 345, value = 4.0}
+    """
+
+    monitors: tuple[ServerMonitor, ...] = ()
+    interventions: tuple[SteerEdit | SteerVector, ...] = ()
+    sample: float = 1.0
+    """Fraction of requests the monitors and interventions apply to (stable per request id)."""
+    subscriber_buffer: int = 1024
+    """Events buffered per ``WatchEvents`` subscriber; beyond it the oldest are dropped."""
+    event_log: Path | None = None
+    """A JSON-lines file of every event (None: no log)."""
+    event_log_max_bytes: int = 64 * 2**20
+    """Size at which the event log is rotated (``.1``, ``.2`` ... kept)."""
+    event_log_backups: int = 3
+    """Rotated event logs kept."""
+
+    def __post_init__(self) -> None:
+        for name in ("subscriber_buffer", "event_log_max_bytes", "event_log_backups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ServerConfigError(f"watch.{name}={value!r}; must be an integer >= 1")
+        try:
+            self.policy()
+        except InterventionError as exc:
+            raise ServerConfigError(f"watch: {exc}") from exc
+
+    def policy(self) -> GuardPolicy:
+        """What the engine applies to each request."""
+        return GuardPolicy(self.monitors, float(self.sample), self.interventions)
+
+
+def _condition(data: Any, where: str) -> Condition | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ServerConfigError(f"{where}.when={data!r}; expected a table "
+                                "{layer, feature, value[, sticky, include_out_of_distribution]}")
+    allowed = {"layer", "feature", "value", "sticky", "include_out_of_distribution"}
+    _only(data, allowed, f"{where}.when", required={"layer", "feature", "value"})
+    try:
+        return Condition(int(data["layer"]), int(data["feature"]), float(data["value"]),
+                         bool(data.get("sticky", False)),
+                         bool(data.get("include_out_of_distribution", False)))
+    except (TypeError, ValueError, InterventionError) as exc:
+        raise ServerConfigError(f"{where}.when: {exc}") from exc
+
+
+def _only(data: dict[str, Any], allowed: set[str], where: str, *,
+          required: Collection[str] = ()) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ServerConfigError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    missing = sorted(set(required) - set(data))
+    if missing:
+        raise ServerConfigError(f"{where}: field(s) {missing} required")
+
+
+def _intervention(data: Any, where: str) -> SteerEdit | SteerVector:
+    """A ``{layer, feature, mode, value, phase, when}`` or ``{layer, vector, phase, when}``
+    table."""
+    if not isinstance(data, dict):
+        raise ServerConfigError(f"{where}={data!r}; expected a table")
+    try:
+        if "vector" in data:
+            _only(data, {"layer", "vector", "phase", "when"}, where, required={"layer"})
+            return SteerVector(int(data["layer"]), tuple(float(x) for x in data["vector"]),
+                               data.get("phase", "all"), _condition(data.get("when"), where))
+        _only(data, {"layer", "feature", "mode", "value", "phase", "when"}, where,
+              required={"layer", "feature", "mode"})
+        return SteerEdit(int(data["layer"]), int(data["feature"]), data["mode"],
+                         float(data.get("value", 0.0)), data.get("phase", "all"),
+                         _condition(data.get("when"), where))
+    except (TypeError, ValueError, InterventionError) as exc:
+        raise ServerConfigError(f"{where}: {exc}") from exc
+
+
+def _monitor(data: Any, where: str) -> ServerMonitor:
+    if not isinstance(data, dict):
+        raise ServerConfigError(f"{where}={data!r}; expected a table {{name, layer, feature, "
+                                "threshold, action}")
+    _only(data, {"name", "layer", "feature", "threshold", "action", "edit",
+                 "include_out_of_distribution"}, where,
+          required={"name", "layer", "feature", "threshold"})
+    edit = data.get("edit")
+    parsed = None if edit is None else _intervention(edit, f"{where}.edit")
+    if parsed is not None and not isinstance(parsed, SteerEdit):
+        raise ServerConfigError(f"{where}.edit: a feature edit {{layer, feature, mode, value}} "
+                                "(vectors are not allowed here)")
+    try:
+        return ServerMonitor(str(data["name"]), int(data["layer"]), int(data["feature"]),
+                             float(data["threshold"]), data.get("action", "record"), parsed,
+                             bool(data.get("include_out_of_distribution", False)))
+    except (TypeError, ValueError, InterventionError) as exc:
+        raise ServerConfigError(f"{where}: {exc}") from exc
+
+
+def _watch(data: Any, where: str) -> WatchSettings:
+    if not isinstance(data, dict):
+        raise ServerConfigError(f"{where}={data!r}; expected a table")
+    data = dict(data)
+    for name, parse in (("monitors", _monitor), ("interventions", _intervention)):
+        items = data.get(name, [])
+        if not isinstance(items, list):
+            raise ServerConfigError(f"{where}.{name}: expected a list of tables")
+        data[name] = tuple(parse(x, f"{where}.{name}[{n}]") for n, x in enumerate(items))
+    if data.get("event_log") is not None:
+        data["event_log"] = Path(data["event_log"])
+    return _nested(WatchSettings, data, where)
 
 
 MAX_BACKOFF_S = 60.0
@@ -149,6 +283,8 @@ class ServerConfig:
     auth, TLS and limits); None disables it, 0 picks a free one."""
     limits: Limits = field(default_factory=Limits)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    watch: WatchSettings = field(default_factory=WatchSettings)
+    """Server-wide monitors, policy interventions, WatchEvents and the event log."""
     auth_token_file: Path | None = None
     """Bearer tokens, one per line; with ``auth`` also ``RESAE_AUTH_TOKENS`` (comma-separated)."""
     auth: bool = False
@@ -230,6 +366,8 @@ def config_from_mapping(data: dict[str, Any], where: str = "config") -> ServerCo
         data["limits"] = _nested(Limits, data["limits"], f"{where} [limits]")
     if "engine" in data:
         data["engine"] = _nested(EngineSettings, data["engine"], f"{where} [engine]")
+    if "watch" in data:
+        data["watch"] = _watch(data["watch"], f"{where} [watch]")
     try:
         return ServerConfig(**data)
     except TypeError as exc:

@@ -17,6 +17,7 @@ from google.protobuf import json_format
 
 from resae_serve.engine.serving import GenerationChunk, MonitorEvent, TokenFeatures
 from resae_serve.engine.spec import (
+    Condition,
     MonitorSpec,
     SamplingSpec,
     SteerEdit,
@@ -165,17 +166,59 @@ def interventions(messages: Sequence[pb.Intervention], limits: Limits, *,
                                    f"{_enum_name(pb.EditMode, m.feature.mode)}; allowed: "
                                    f"{', '.join(pb.EditMode.Name(k) for k in MODES)}")
             value = _finite(m.feature.value, f"{where}.feature.value")
+            when = condition(m, where)
             out.append(SteerEdit(m.layer, m.feature.feature, MODES[m.feature.mode],  # type: ignore[arg-type]
-                                 value, ph))  # type: ignore[arg-type]
+                                 value, ph, when))  # type: ignore[arg-type]
         elif kind == "vector":
             values = m.vector.values
             for j, v in enumerate(values):
                 if not math.isfinite(v):
                     raise RequestError(f"{where}.vector.values[{j}]={v}; must be finite")
-            out.append(SteerVector(m.layer, tuple(float(v) for v in values), ph))  # type: ignore[arg-type]
+            out.append(SteerVector(m.layer, tuple(float(v) for v in values), ph,  # type: ignore[arg-type]
+                                   condition(m, where)))
         else:
             raise RequestError(f"{where}: set one of {where}.feature or {where}.vector")
     return out
+
+
+def condition(message: pb.Intervention, where: str) -> Condition | None:
+    """The engine :class:`Condition` of an intervention's ``when`` (None when unset); checks
+    against the dictionary (layer and feature ranges) are the engine's."""
+    if not message.HasField("when"):
+        return None
+    c = message.when
+    if c.layer < 0 or c.layer > message.layer:
+        raise RequestError(f"{where}.when.layer={c.layer}; a condition reads a layer at or "
+                           f"before the intervention's layer {message.layer} (0..{message.layer})")
+    if c.feature < 0:
+        raise RequestError(f"{where}.when.feature={c.feature}; must be >= 0")
+    value = _finite(c.value, f"{where}.when.value")
+    return Condition(c.layer, c.feature, value, c.sticky, c.include_out_of_distribution)
+
+
+def intervention_messages(items: Sequence[SteerEdit | SteerVector]) -> list[pb.Intervention]:
+    """Engine interventions back as ``Intervention`` messages (what :func:`interventions`
+    reads)."""
+    phases = {"all": pb.PHASE_ALL, "prompt": pb.PHASE_PROMPT,
+              "generation": pb.PHASE_GENERATION}
+    modes = {name: enum for enum, name in MODES.items()}
+    out = []
+    for x in items:
+        message = pb.Intervention(layer=x.layer, phase=phases[x.phase])
+        if isinstance(x, SteerEdit):
+            message.feature.CopyFrom(pb.FeatureEdit(feature=x.feature, mode=modes[x.mode],
+                                                    value=x.value))
+        else:
+            message.vector.CopyFrom(pb.SteeringVector(values=x.vector))
+        if x.when is not None:
+            message.when.CopyFrom(condition_message(x.when))
+        out.append(message)
+    return out
+
+
+def condition_message(c: Condition) -> pb.Condition:
+    return pb.Condition(layer=c.layer, feature=c.feature, value=c.value, sticky=c.sticky,
+                        include_out_of_distribution=c.include_out_of_distribution)
 
 
 def monitor_spec(message: pb.MonitorRequest, limits: Limits, *, raw: bool = False,
@@ -264,9 +307,14 @@ def feature_messages(features: Sequence[TokenFeatures]) -> list[pb.TokenFeatures
             for f in features]
 
 
+def event_message(e: MonitorEvent) -> pb.FeatureEvent:
+    """A ``FeatureEvent`` (``monitor`` set for a server-wide monitor's)."""
+    return pb.FeatureEvent(position=e.position, layer=e.layer, feature=e.feature,
+                           value=e.value, threshold=e.threshold, monitor=e.monitor)
+
+
 def event_messages(events: Sequence[MonitorEvent]) -> list[pb.FeatureEvent]:
-    return [pb.FeatureEvent(position=e.position, layer=e.layer, feature=e.feature,
-                            value=e.value, threshold=e.threshold) for e in events]
+    return [event_message(e) for e in events]
 
 
 def chunk_message(chunk: GenerationChunk, start: int, tokenizer: Any) -> pb.TokenChunk:

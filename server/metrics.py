@@ -1,7 +1,9 @@
 """Prometheus metrics of one server instance (its gRPC and HTTP APIs).
 
 Request, token, stream and time-to-first-token series carry a ``protocol`` label (``grpc``
-or ``http``; both series exist from the start, at 0). Every :class:`ServerMetrics` owns its
+or ``http``; both series exist from the start, at 0). The server-wide monitors' series carry a
+``monitor`` label whose values are the names in the server's config (a bounded set, declared
+at start-up by :meth:`ServerMetrics.declare_monitors`). Every :class:`ServerMetrics` owns its
 own ``CollectorRegistry``, so several servers (tests start many in one process) never clash
 over metric names, and ``/metrics`` of one server shows only its own series. The token rate
 is computed when scraped, over a sliding window of token timestamps, so it falls to zero when
@@ -14,7 +16,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from wsgiref.simple_server import WSGIServer
 
@@ -33,6 +35,9 @@ from resae_serve.errors import ResaeError
 logger = logging.getLogger(__name__)
 
 MONITOR_LAG_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64)
+MONITOR_VALUE_BUCKETS = (0, 0.5, 1, 2, 4, 8, 16, 32, 64)
+"""Buckets of the server-wide monitors' observed codes (SAE codes: 0 where the feature is off,
+a few units where it fires, rarely above 64)."""
 TIME_TO_FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PROTOCOLS = ("grpc", "http")
 
@@ -97,6 +102,26 @@ class ServerMetrics:
             "onnxruntime or tensorrt; provider: onnxruntime's execution provider), as the "
             "worker reports it; no series before the engine has loaded.",
             labelnames=("backend", "provider"), registry=self.registry)
+        self.monitor_fired_tokens = Counter(
+            "resae_monitor_fired_tokens",
+            "Tokens on which a server-wide monitor fired, by monitor.",
+            labelnames=("monitor",), registry=self.registry)
+        self.monitor_fired_requests = Counter(
+            "resae_monitor_fired_requests",
+            "Requests on which a server-wide monitor fired at least once, by monitor.",
+            labelnames=("monitor",), registry=self.registry)
+        self.monitor_values = Histogram(
+            "resae_monitor_value",
+            "Codes a server-wide monitor read (its feature on every token it judged), by "
+            "monitor.",
+            labelnames=("monitor",), buckets=MONITOR_VALUE_BUCKETS, registry=self.registry)
+        self.watch_dropped = Counter(
+            "resae_watch_dropped_events",
+            "Server-wide monitor events dropped for WatchEvents subscribers that read too "
+            "slowly (one per event and subscriber), by monitor.",
+            labelnames=("monitor",), registry=self.registry)
+        self.watch_subscribers = Gauge(
+            "resae_watch_subscribers", "Open WatchEvents streams.", registry=self.registry)
         for protocol in PROTOCOLS:             # every series exists, at 0, from the start
             self.generated_tokens.labels(protocol=protocol)
             self.active_streams.labels(protocol=protocol)
@@ -124,6 +149,26 @@ class ServerMetrics:
         with self._lock:
             self._token_times.append((now, n))
             self._prune(now)
+
+    def declare_monitors(self, names: Iterable[str]) -> None:
+        """Create the per-monitor series of ``names`` (the config's monitors), at 0."""
+        for name in names:
+            self.monitor_fired_tokens.labels(monitor=name)
+            self.monitor_fired_requests.labels(monitor=name)
+            self.monitor_values.labels(monitor=name)
+            self.watch_dropped.labels(monitor=name)
+
+    def monitor_fired(self, name: str, first_in_request: bool) -> None:
+        """Count one token on which monitor ``name`` fired (and the request, on its first)."""
+        self.monitor_fired_tokens.labels(monitor=name).inc()
+        if first_in_request:
+            self.monitor_fired_requests.labels(monitor=name).inc()
+
+    def observe_monitor(self, name: str, values: Iterable[float]) -> None:
+        """Add codes monitor ``name`` read to its histogram."""
+        histogram = self.monitor_values.labels(monitor=name)
+        for value in values:
+            histogram.observe(value)
 
     def set_feature_runtime(self, backend: str, provider: str = "") -> None:
         """Report the feature runtime in use (the one series of ``resae_feature_runtime_info``)."""

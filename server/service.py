@@ -5,7 +5,10 @@ engine (a :class:`~resae_serve.engine.serving.ServingEngine`: the vLLM-backed
 :class:`~resae_serve.engine.serving.ResaeEngine`, or a fake in tests) does the work, and errors
 are left to :class:`~resae_serve.server.errors.ErrorInterceptor`. Calls made while the engine
 loads, or after it failed, end ``UNAVAILABLE``; past ``limits.max_pending`` admitted calls they
-end ``RESOURCE_EXHAUSTED`` at once (fail fast, never queue unboundedly).
+end ``RESOURCE_EXHAUSTED`` at once (fail fast, never queue unboundedly). ``WatchEvents`` streams
+the server-wide monitors' events from the :class:`~resae_serve.server.watch.WatchHub`; it does
+not count against ``max_pending`` (it is long-lived and costs generation nothing) and works
+while the engine loads or restarts.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from resae_serve.server.errors import ServiceError
 from resae_serve.server.metrics import ServerMetrics
 from resae_serve.server.v1 import resae_pb2 as pb
 from resae_serve.server.v1 import resae_pb2_grpc
+from resae_serve.server.watch import WatchHub
 
 logger = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000
@@ -63,10 +67,13 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
     """Serves one model + dictionary; the engine is attached once it has loaded."""
 
     def __init__(self, config: ServerConfig, manifest: Manifest, tokenizer: Any,
-                 vocab_size: int, metrics: ServerMetrics, catalog: Catalog | None) -> None:
+                 vocab_size: int, metrics: ServerMetrics, catalog: Catalog | None,
+                 watch_hub: WatchHub | None = None) -> None:
         self.config, self.limits, self.manifest = config, config.limits, manifest
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.metrics, self.catalog = metrics, catalog
+        self.watch_hub = watch_hub
+        """The server-wide monitors' hub (``WatchEvents``); None: not set up."""
         self.engine: ServingEngine | None = None
         self.failure: str | None = None
         self.pending = 0
@@ -191,7 +198,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
             self.metrics.active_streams.labels(protocol="grpc").inc()
             n_out, first_token_at, last_token_at, text = 0, None, received, []
             n_first = 0                         # tokens that came with the first token chunk
-            finish_reason = ""
+            finish_reason, guardrail = "", None
             delivered = {layer: -1 for layer in (monitor.layers if monitor else ())}
             try:                                # closes the engine stream however this ends
                 first = await anext(stream)     # validation errors surface here
@@ -219,6 +226,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                         self.metrics.monitor_lag.observe(max(0, fed - 1 - done))
                     if chunk.finished:
                         finish_reason = chunk.finish_reason or ""
+                        guardrail = chunk.guardrail
                     yield pb.GenerateResponse(chunk=message)
                     chunk = None if chunk.finished else await anext(stream, None)
             finally:
@@ -233,7 +241,20 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                 time_to_first_token_s=first_token_at - received,
                 total_time_s=last_token_at - received,
                 decode_tokens_per_s=(n_out - n_first) / decode if decode > 0 else 0.0,
-                text="".join(text)))
+                text="".join(text),
+                guardrail=None if guardrail is None else convert.event_message(guardrail)))
+
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[pb.WatchEventsResponse]:
+        if self.watch_hub is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "server-wide monitoring is not set up on this server")
+        subscription = self.watch_hub.subscribe(request.monitors)
+        try:                        # until the caller cancels or the server stops
+            while (message := await subscription.next()) is not None:
+                yield message
+        finally:
+            subscription.close()
 
     async def Inspect(self, request: pb.InspectRequest,
                       context: grpc.aio.ServicerContext) -> pb.InspectResponse:

@@ -1,5 +1,5 @@
-"""``resae client``: generate with steering, inspect features and browse the catalog of a
-running ``resae serve``.
+"""``resae client``: generate with steering, inspect features, browse the catalog and tail the
+server-wide monitors' events of a running ``resae serve``.
 
 gRPC failures end the command with ``error: <STATUS_CODE>: <details>`` and exit status 2.
 """
@@ -28,6 +28,7 @@ from resae_serve.cli.render_client import (
     side_by_side,
     summary_line,
     token_table,
+    watch_line,
 )
 from resae_serve.errors import ResaeError
 from resae_serve.server.client import (
@@ -36,6 +37,7 @@ from resae_serve.server.client import (
     PHASES,
     Completion,
     ResaeClient,
+    condition,
     edit,
     monitor,
 )
@@ -43,9 +45,14 @@ from resae_serve.server.v1 import resae_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-STEER_FORMAT = (f"LAYER:FEATURE:MODE:VALUE[:PHASE] with MODE one of {', '.join(EDIT_MODES)} "
-                f"and PHASE one of {', '.join(PHASES)} (e.g. 12:345:add:4; VALUE may be left "
-                "out for ablate)")
+STEER_FORMAT = (f"LAYER:FEATURE:MODE:VALUE[:PHASE][@WHEN] with MODE one of "
+                f"{', '.join(EDIT_MODES)} and PHASE one of {', '.join(PHASES)} (e.g. "
+                "12:345:add:4; VALUE may be left out for ablate); WHEN = "
+                "LAYER:FEATURE>=VALUE[:sticky][:ood] applies the edit only on tokens where that "
+                "feature's code (at a layer at or before the edit's) is >= VALUE; sticky: from "
+                "the first such token on; ood: out-of-distribution positions may satisfy it "
+                "(e.g. 18:7:clamp:0@12:345>=4:sticky)")
+WHEN_FLAGS = ("sticky", "ood")
 MAX_LABELS = 5000
 """Labeled features fetched per layer to annotate tables (ListFeatures, 1000 a page)."""
 
@@ -64,8 +71,9 @@ def parse_ints(text: str) -> list[int]:
 
 
 def parse_steer(spec: str) -> pb.Intervention:
-    """One ``--steer`` spec, LAYER:FEATURE:MODE:VALUE[:PHASE], as an Intervention."""
-    parts = spec.split(":")
+    """One ``--steer`` spec, LAYER:FEATURE:MODE:VALUE[:PHASE][@WHEN], as an Intervention."""
+    edit_part, at, when_part = spec.partition("@")
+    parts = edit_part.split(":")
     if len(parts) == 3 and parts[2] == "ablate":
         parts.append("0")
     if len(parts) not in (4, 5):
@@ -75,8 +83,34 @@ def parse_steer(spec: str) -> pb.Intervention:
     except ValueError:
         raise ResaeError(f"--steer {spec!r}: LAYER and FEATURE must be integers and VALUE a "
                          f"number; expected {STEER_FORMAT}") from None
+    gate = _parse_when(spec, when_part) if at else None
     try:
-        return edit(layer, feature, parts[2], value, parts[4] if len(parts) == 5 else "all")
+        return edit(layer, feature, parts[2], value, parts[4] if len(parts) == 5 else "all",
+                    when=gate)
+    except ValueError as exc:
+        raise ResaeError(f"--steer {spec!r}: {exc}") from None
+
+
+def _parse_when(spec: str, text: str) -> pb.Condition:
+    """The ``@LAYER:FEATURE>=VALUE[:sticky][:ood]`` part of a ``--steer`` spec."""
+    expected = "expected @LAYER:FEATURE>=VALUE[:sticky][:ood] (e.g. @12:345>=4)"
+    head, ge, tail = text.partition(">=")
+    value_text, *flags = tail.split(":")
+    where = head.split(":")
+    if not ge or len(where) != 2:
+        raise ResaeError(f"--steer {spec!r}: condition {text!r}; {expected}")
+    unknown = [f for f in flags if f not in WHEN_FLAGS]
+    if unknown:
+        raise ResaeError(f"--steer {spec!r}: condition flag {unknown[0]!r}; allowed: "
+                         f"{', '.join(WHEN_FLAGS)}")
+    try:
+        layer, feature, value = int(where[0]), int(where[1]), float(value_text)
+    except ValueError:
+        raise ResaeError(f"--steer {spec!r}: condition {text!r}: LAYER and FEATURE must be "
+                         f"integers and VALUE a number; {expected}") from None
+    try:
+        return condition(layer, feature, value, sticky="sticky" in flags,
+                         include_out_of_distribution="ood" in flags)
     except ValueError as exc:
         raise ResaeError(f"--steer {spec!r}: {exc}") from None
 
@@ -151,6 +185,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="dictionary layers to show")
     _input_args(i, top_k=5)
     i.set_defaults(action=_inspect)
+
+    w = actions.add_parser(
+        "watch", parents=[common], help="tail the server-wide monitors' events",
+        description="Print the events of the server's own monitors (its config's "
+        "[[watch.monitors]]) across all requests as they happen, one line each: time (UTC), "
+        "request id, monitor and action, position and token, layer, feature, value and "
+        "threshold. When this reader falls behind the server drops the oldest buffered "
+        "events and says how many. Runs until interrupted, --count events, or --timeout.")
+    w.add_argument("--monitor", action="append", default=[], metavar="NAME",
+                   help="only this monitor (repeatable; default: all)")
+    w.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    w.set_defaults(action=_watch)
 
     f = actions.add_parser("features", help="the served dictionary and its feature catalog")
     catalog = f.add_subparsers(dest="features_command", metavar="WHAT", required=True)
@@ -278,6 +324,27 @@ def _inspect(client: ResaeClient, args: argparse.Namespace) -> int:
                               interventions=_steering(args))
     _write(token_table(response.tokens, response.features, events=response.events,
                        watch=args.watch, labels=_labels(client, args.layers, args)))
+    return 0
+
+
+def _watch(client: ResaeClient, args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise ResaeError(f"--count {args.count}; expected a number of events >= 1")
+    seen = 0
+    try:
+        for message in client.watch_events(args.monitor, timeout=args.timeout):
+            _write(watch_line(message))
+            sys.stdout.flush()
+            if isinstance(message, pb.WatchedEvent):
+                seen += 1
+                if seen == args.count:
+                    return 0
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        if code != grpc.StatusCode.DEADLINE_EXCEEDED:      # --timeout: watched long enough
+            raise
+        return 0
+    logger.info("the server ended the stream (it is stopping)")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import textwrap
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 
 from resae_serve.server.client import Completion
 from resae_serve.server.v1 import resae_pb2 as pb
@@ -60,6 +61,7 @@ def token_table(tokens: Sequence[pb.Token], features: Iterable[pb.TokenFeatures]
     text_of = {token.position: token.text for token in tokens}
     event_lines = [f"  pos {e.position} {show_token(text_of.get(e.position, '?'))} layer "
                    f"{e.layer} feature {e.feature}: {e.value:.2f} >= {e.threshold:.2f}"
+                   + (f" (monitor {e.monitor})" if e.monitor else "")
                    for e in events]
     if event_lines:
         lines += ["threshold events:", *event_lines]
@@ -84,11 +86,30 @@ def completion_table(completion: Completion, *, watch: Sequence[int] = (),
 
 
 def summary_line(summary: pb.GenerateSummary) -> str:
-    """Finish reason, token counts and timing of a generation."""
-    return (f"finish {summary.finish_reason or '?'}; {summary.prompt_tokens} prompt + "
+    """Finish reason, token counts and timing of a generation (and, when a server-wide
+    monitor stopped it, which)."""
+    line = (f"finish {summary.finish_reason or '?'}; {summary.prompt_tokens} prompt + "
             f"{summary.completion_tokens} generated tokens; first token after "
             f"{summary.time_to_first_token_s:.3f} s, {summary.total_time_s:.3f} s in all, "
             f"{summary.decode_tokens_per_s:.1f} tokens/s")
+    if summary.HasField("guardrail"):
+        g = summary.guardrail
+        line += (f"; stopped by monitor {g.monitor!r} at position {g.position} (layer "
+                 f"{g.layer} feature {g.feature}: {g.value:.2f} >= {g.threshold:.2f})")
+    return line
+
+
+def watch_line(message: pb.WatchedEvent | pb.EventsDropped) -> str:
+    """One line of ``resae client watch``: an event (time in UTC, request, monitor and
+    action, position and token, layer, feature, value >= threshold) or a drop notice."""
+    if isinstance(message, pb.EventsDropped):
+        return (f"... {message.dropped} event(s) dropped: this reader fell behind "
+                f"({message.total} dropped in all)")
+    when = datetime.fromtimestamp(message.time_unix_s, UTC)
+    return (f"{when:%Y-%m-%dT%H:%M:%S}.{when.microsecond // 1000:03d}Z  {message.request_id}  "
+            f"{message.monitor} ({message.action})  pos {message.position} "
+            f"{show_token(message.token_text)}  layer {message.layer} feature "
+            f"{message.feature}: {message.value:.2f} >= {message.threshold:.2f}")
 
 
 def wrap(text: str, width: int) -> list[str]:

@@ -34,7 +34,7 @@ from resae_serve.engine.rpc import MonitorEvent
 from resae_serve.engine.spec import EXTRA_ARGS_KEY, MonitorSpec, SteerEdit, SteerVector
 
 if TYPE_CHECKING:
-    from resae_serve.engine.serving import ResaeEngine, TokenFeatures
+    from resae_serve.engine.serving import ResaeEngine, Step, TokenFeatures
 
 logger = logging.getLogger(__name__)
 Scope = MutableMapping[str, Any]
@@ -145,7 +145,12 @@ class SteeringEngineClient:
                           "n", sampling_params.n)
         if not isinstance(prompt, dict):
             raise _refuse("resae needs a text or token prompt", "prompt")
-        spec = self._engine.spec(req.interventions, req.monitor, key=f"http-{uuid.uuid4().hex}")
+        from resae_serve.engine.serving import steering_spec
+
+        # Server-wide monitors (the engine's guard policy) watch gRPC traffic only: the HTTP
+        # path has no guardrail stop or held-back tokens yet, so it does not take them.
+        spec = steering_spec(self._engine.info, req.interventions, req.monitor,
+                             key=f"http-{uuid.uuid4().hex}")
         index, req.calls = req.calls, req.calls + 1
         params = sampling_params.clone()
         params.extra_args = {**extra, **spec.to_extra_args()}
@@ -154,16 +159,15 @@ class SteeringEngineClient:
             spec, request_id, lambda: self._llm.generate(salted, params, request_id, **kwargs))
         return self._run(steps, index, params, req)
 
-    async def _run(self, steps: AsyncGenerator[tuple[Any, list[TokenFeatures],
-                                                     list[MonitorEvent]], None],
+    async def _run(self, steps: AsyncGenerator[Step, None],
                    index: int, params: Any, req: HttpRequest) -> AsyncGenerator[Any, None]:
         seen = _TokenCounter(params)
         try:
-            async for out, features, events in steps:
+            async for step in steps:
                 if req.monitoring:               # before vLLM turns the output into chunks
-                    req.pending.setdefault(index, []).append((features, events))
-                req.count(seen(out))
-                yield out
+                    req.pending.setdefault(index, []).append((step.features, step.events))
+                req.count(seen(step.out))
+                yield step.out
         finally:
             await steps.aclose()
 

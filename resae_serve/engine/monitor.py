@@ -39,7 +39,7 @@ import torch
 from resae_serve.context import TrainingContext
 from resae_serve.engine.encoders import MonitorEncoder, TorchEncoder
 from resae_serve.engine.rpc import MonitorEvent, MonitorRecord
-from resae_serve.engine.spec import MonitorSpec
+from resae_serve.engine.spec import Guard, MonitorSpec
 from resae_serve.engine.tables import Codes, LayerCapture
 from resae_serve.resae import ReSAE
 from resae_serve.saes.base import SparseCodes
@@ -114,7 +114,21 @@ class _Discard(NamedTuple):
     key: str
 
 
-_QueueItem = StepCapture | _Discard | tuple[str, MonitorSpec | None]
+class _Watched(NamedTuple):
+    """What a request asks the monitor for: its own spec and its guards."""
+
+    spec: MonitorSpec
+    guards: tuple[Guard, ...]
+
+    def at(self, layer: int) -> tuple[Guard, ...]:
+        return tuple(g for g in self.guards if g.layer == layer)
+
+    def wants(self, layer: int) -> bool:
+        return layer in self.spec.layers or any(g.layer == layer for g in self.guards)
+
+
+_NOTHING = _Watched(MonitorSpec(), ())
+_QueueItem = StepCapture | _Discard | tuple[str, _Watched | None]
 
 
 class Monitor:
@@ -131,7 +145,7 @@ class Monitor:
         """Encodes one layer's captured tokens (:mod:`~resae_serve.engine.encoders`)."""
         device = resae.saes[0].W_dec.device
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.specs: dict[str, MonitorSpec] = {}
+        self.specs: dict[str, _Watched] = {}
         self._hint_cache: dict[int, tuple[list[int], int]] = {}   # cleared when specs change
         self.results: dict[str, list[MonitorRecord]] = defaultdict(list)
         self.stalled_steps = 0
@@ -143,9 +157,10 @@ class Monitor:
         self._thread = threading.Thread(target=self._run, name="resae-monitor", daemon=True)
         self._thread.start()
 
-    def register(self, key: str, spec: MonitorSpec) -> None:
-        """A request starts monitoring (queued, so it orders with the steps around it)."""
-        self._queue.put((key, spec))
+    def register(self, key: str, spec: MonitorSpec, guards: tuple[Guard, ...] = ()) -> None:
+        """A request starts monitoring (queued, so it orders with the steps around it):
+        its own ``spec`` and the server-wide monitors that apply to it."""
+        self._queue.put((key, _Watched(spec, guards)))
 
     def submit(self, step: StepCapture) -> None:
         try:
@@ -218,14 +233,15 @@ class Monitor:
         without the dense code compute exactly these. Kept until the specs change."""
         if i not in self._hint_cache:
             layer = self.resae.layers[i]
-            specs = [s for s in self.specs.values() if layer in s.layers]
+            specs = [w.spec for w in self.specs.values() if layer in w.spec.layers]
             watch = sorted({f for s in specs for f in s.watch}
-                           | {t.feature for s in specs for t in s.thresholds if t.layer == layer})
+                           | {t.feature for s in specs for t in s.thresholds if t.layer == layer}
+                           | {g.feature for w in self.specs.values() for g in w.at(layer)})
             self._hint_cache[i] = watch, max((s.top_k for s in specs), default=0)
         return self._hint_cache[i]
 
     def _records(self, step: StepCapture, i: int, capture: LayerCapture,
-                 idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[MonitorSpec],
+                 idx: np.ndarray, wanted: np.ndarray, req: np.ndarray, specs: list[_Watched],
                  firsts: np.ndarray) -> list[MonitorRecord]:
         """Records of the ``wanted`` captured tokens.
 
@@ -234,9 +250,11 @@ class Monitor:
         """
         layer, d_sae = self.resae.layers[i], self.resae.saes[i].config.d_sae
         chosen = [specs[row] for row in wanted.tolist()]
-        k = max(s.top_k for s in chosen)
-        columns = sorted({f for s in chosen for f in s.watch}
-                         | {t.feature for s in chosen for t in s.thresholds if t.layer == layer})
+        k = max((w.spec.top_k for w in chosen if layer in w.spec.layers), default=0)
+        columns = sorted({f for w in chosen for f in w.spec.watch}
+                         | {t.feature for w in chosen for t in w.spec.thresholds
+                            if t.layer == layer}
+                         | {g.feature for w in chosen for g in w.at(layer)})
         column = {f: c for c, f in enumerate(columns)}
         codes = self._codes(i, capture, torch.from_numpy(wanted)
                             if len(chosen) < len(specs) else None)
@@ -245,18 +263,27 @@ class Monitor:
         positions = (step.starts[js] + idx[wanted] - firsts[js]).tolist()
         reasons = self._out_of_distribution(i, capture, wanted, positions)
         records: list[MonitorRecord] = []
-        for n, (row, spec) in enumerate(zip(wanted.tolist(), chosen, strict=True)):
+        for n, (row, watched) in enumerate(zip(wanted.tolist(), chosen, strict=True)):
             j, position, ood = int(js[n]), int(positions[n]), int(reasons[n])
+            spec, guards, values = watched.spec, watched.at(layer), picked[n]
+            client = layer in spec.layers
             events = tuple(
                 MonitorEvent(position, layer, t.feature, value, t.value) for t in spec.thresholds
-                if t.layer == layer and (value := picked[n][column[t.feature]]) >= t.value
-            ) if not ood or spec.include_out_of_distribution else ()
+                if t.layer == layer and (value := values[column[t.feature]]) >= t.value
+            ) if client and (not ood or spec.include_out_of_distribution) else ()
+            guard_values = tuple(values[column[g.feature]] for g in guards)
+            events += tuple(
+                MonitorEvent(position, layer, g.feature, value, g.threshold, g.name)
+                for g, value in zip(guards, guard_values, strict=True)
+                if value >= g.threshold and (not ood or g.include_out_of_distribution))
+            top = spec.top_k if client else 0
             records.append(MonitorRecord(
                 step.keys[j], position, layer,
-                tuple(top_ids[n][: spec.top_k]) if spec.top_k else (),
-                tuple(top_values[n][: spec.top_k]) if spec.top_k else (),
-                tuple(picked[n][column[f]] for f in spec.watch),
-                tuple(capture.h[row].float().tolist()) if spec.raw else (), events, ood))
+                tuple(top_ids[n][:top]) if top else (),
+                tuple(top_values[n][:top]) if top else (),
+                tuple(values[column[f]] for f in spec.watch) if client else (),
+                tuple(capture.h[row].float().tolist()) if client and spec.raw else (), events,
+                ood, guard_values, client))
         return records
 
     def _out_of_distribution(self, i: int, capture: LayerCapture, wanted: np.ndarray,
@@ -324,8 +351,8 @@ class Monitor:
         for i, (idx, capture) in sorted(step.layers.items()):
             layer = self.resae.layers[i]
             req = np.searchsorted(ends, idx, side="right")                        # (n,)
-            specs = [self.specs.get(step.keys[j], MonitorSpec()) for j in req.tolist()]
-            wanted = np.array([layer in s.layers for s in specs], dtype=bool)
+            specs = [self.specs.get(step.keys[j], _NOTHING) for j in req.tolist()]
+            wanted = np.array([w.wants(layer) for w in specs], dtype=bool)
             if not wanted.any():
                 continue
             records += self._records(step, i, capture, idx, np.flatnonzero(wanted), req, specs,

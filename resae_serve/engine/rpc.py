@@ -37,7 +37,8 @@ class Rpc(StrEnum):
 
 
 class MonitorEvent(NamedTuple):
-    """A :class:`~resae_serve.engine.spec.Threshold` reached at one position."""
+    """A :class:`~resae_serve.engine.spec.Threshold` (or a server-wide monitor, a
+    :class:`~resae_serve.engine.spec.Guard`) reached at one position."""
 
     position: int
     layer: int
@@ -46,6 +47,9 @@ class MonitorEvent(NamedTuple):
     """The feature's activation there (the value reported in :attr:`MonitorRecord.watch`
     when the feature is watched)."""
     threshold: float
+    monitor: str = ""
+    """The :class:`~resae_serve.engine.spec.Guard` that raised it (empty: the request's own
+    threshold)."""
 
 
 class MonitorRecord(NamedTuple):
@@ -69,22 +73,30 @@ class MonitorRecord(NamedTuple):
     out_of_distribution: int = 0
     """Why this position lies outside the dictionary's training distribution, an
     :class:`~resae_serve.context.OutOfDistribution` code (0: it does not)."""
+    guard_values: tuple[float, ...] = ()
+    """Codes of the request's :attr:`~resae_serve.engine.spec.SteeringSpec.guards` whose layer
+    is this record's, in that order (what the server's per-monitor histograms observe)."""
+    client: bool = True
+    """The request's own monitor asked for this layer (else only its guards did: the record
+    carries guard values and events only, and is not reported to the caller)."""
 
     def to_wire(self) -> tuple[Any, ...]:
-        """Plain builtins; events as ``(feature, value, threshold)`` (position and layer are
-        the record's)."""
+        """Plain builtins; events as ``(feature, value, threshold, monitor)`` (position and
+        layer are the record's)."""
         return (self.key, self.position, self.layer, self.top_ids, self.top_values, self.watch,
-                self.raw, tuple((e.feature, e.value, e.threshold) for e in self.events),
-                self.out_of_distribution)
+                self.raw, tuple((e.feature, e.value, e.threshold, e.monitor)
+                                for e in self.events),
+                self.out_of_distribution, self.guard_values, self.client)
 
     @classmethod
     def from_wire(cls, data: Sequence[Any]) -> MonitorRecord:
-        key, position, layer, top_ids, top_values, watch, raw, events, *rest = data
+        (key, position, layer, top_ids, top_values, watch, raw, events, ood, guard_values,
+         client) = data
         position, layer = int(position), int(layer)
         return cls(str(key), position, layer, tuple(top_ids), tuple(top_values), tuple(watch),
-                   tuple(raw), tuple(MonitorEvent(position, layer, int(f), float(v), float(t))
-                                     for f, v, t in events),
-                   int(rest[0]) if rest else 0)
+                   tuple(raw), tuple(MonitorEvent(position, layer, int(f), float(v), float(t),
+                                                  str(m)) for f, v, t, m in events),
+                   int(ood), tuple(float(v) for v in guard_values), bool(client))
 
 
 class EngineInfo(NamedTuple):

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 from resae_serve.engine.admission import ConfigAdmission
 from resae_serve.engine.driver import AsyncLLMDriver, Driver
+from resae_serve.engine.guards import GuardEvent, GuardListener, GuardPolicy
 from resae_serve.engine.llm import prompt_with
 from resae_serve.engine.rpc import (
     EngineInfo,
@@ -62,6 +63,7 @@ from resae_serve.engine.spec import (
     SteerVector,
 )
 from resae_serve.errors import EngineDeadError
+from resae_serve.interventions import InterventionError
 
 logger = logging.getLogger(__name__)
 KV_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -101,8 +103,14 @@ class GenerationChunk(NamedTuple):
     features: tuple[TokenFeatures, ...]
     """Newly available features, by (position, layer)."""
     events: tuple[MonitorEvent, ...]
+    """The request's own threshold events (server-wide monitors report to the engine's
+    :class:`~resae_serve.engine.guards.GuardListener` instead)."""
     finished: bool
     finish_reason: str | None
+    """vLLM's (``stop``, ``length`` ...), or ``guardrail`` when a server-wide ``stop``
+    monitor ended the request."""
+    guardrail: MonitorEvent | None = None
+    """With finish reason ``guardrail``: the event that stopped the request."""
 
 
 class ServingEngine(Protocol):
@@ -120,6 +128,12 @@ class ServingEngine(Protocol):
 
     def num_unfinished(self) -> int:
         """Requests the engine has not finished."""
+        ...
+
+    def set_guards(self, policy: GuardPolicy, listener: GuardListener | None = None) -> None:
+        """Apply the server-wide monitors and policy interventions of ``policy`` to every
+        request from now on (validated: ``InterventionError`` naming the monitor), reporting
+        to ``listener``."""
         ...
 
     def spec(self, interventions: Sequence[Intervention] = (),
@@ -149,17 +163,27 @@ class OpenAIServing(Protocol):
 
 
 def steering_spec(info: EngineInfo, interventions: Sequence[Intervention] = (),
-                  monitor: MonitorSpec | None = None, key: str = "") -> SteeringSpec:
+                  monitor: MonitorSpec | None = None, key: str = "",
+                  policy: GuardPolicy | None = None) -> SteeringSpec:
     """The :class:`SteeringSpec` of a request, validated against the dictionary ``info``
-    describes (raises ``InterventionError`` naming the field)."""
-    edits = tuple(x for x in interventions if isinstance(x, SteerEdit))
-    vectors = tuple(x for x in interventions if isinstance(x, SteerVector))
-    if len(edits) + len(vectors) != len(interventions):
-        bad = next(x for x in interventions if not isinstance(x, SteerEdit | SteerVector))
-        raise TypeError(f"interventions: {type(bad).__name__} is neither SteerEdit nor "
+    describes (raises ``InterventionError`` naming the field), with the server-wide monitors
+    and policy interventions of ``policy`` that apply to request ``key``."""
+    bad = [x for x in interventions if not isinstance(x, SteerEdit | SteerVector)]
+    if bad:
+        raise TypeError(f"interventions: {type(bad[0]).__name__} is neither SteerEdit nor "
                         "SteerVector")
-    spec = SteeringSpec(edits, vectors, monitor or MonitorSpec(), key)
-    spec.validate(info.layers, info.d_sae, info.d_model)
+    guards, extra = policy.for_request(key) if policy is not None else ((), ())
+    every = (*interventions, *extra)
+    spec = SteeringSpec(tuple(x for x in every if isinstance(x, SteerEdit)),
+                        tuple(x for x in every if isinstance(x, SteerVector)),
+                        monitor or MonitorSpec(), key, guards)
+    try:
+        spec.validate(info.layers, info.d_sae, info.d_model)
+    except InterventionError as exc:
+        if not extra:
+            raise
+        raise InterventionError(f"{exc} (the server's policy adds {len(extra)} "
+                                "intervention(s) to every request)") from exc
     return spec
 
 
@@ -227,20 +251,127 @@ class _MonitorFetcher:
             self._inflight = set()
 
 
-def _features(records: list[MonitorRecord], delivered: dict[int, int]
-              ) -> tuple[list[TokenFeatures], list[MonitorEvent]]:
-    """Worker records as features and events, dropping (position, layer) pairs already
-    delivered."""
-    features: list[TokenFeatures] = []
-    events: list[MonitorEvent] = []
+class Step(NamedTuple):
+    """One output of a steered request with what the monitor read up to it
+    (:meth:`ResaeEngine.steered`)."""
+
+    out: Any
+    """vLLM's ``RequestOutput``."""
+    features: list[TokenFeatures]
+    """Newly read features the request asked for, by (position, layer)."""
+    events: list[MonitorEvent]
+    """The request's own threshold events on them."""
+    guard_events: list[MonitorEvent]
+    """Server-wide monitors' events (already reported to the engine's listener)."""
+    read_up_to: int
+    """Every monitored layer has been read at every position up to this one (-1: none)."""
+    stop: MonitorEvent | None = None
+    """A ``stop`` monitor fired here: the request ends at this event's position (nothing
+    after it is reported, to the caller or the listener); the caller closes the stream."""
+
+
+def _new_records(records: list[MonitorRecord], delivered: dict[int, int]
+                 ) -> list[MonitorRecord]:
+    """``records`` by (position, layer) without the (position, layer) pairs already
+    delivered (recomputed after a preemption)."""
+    fresh: list[MonitorRecord] = []
     for r in sorted(records, key=lambda r: (r.position, r.layer)):
-        if r.position <= delivered.get(r.layer, -1):
-            continue                                    # recomputed after a preemption
-        delivered[r.layer] = r.position
-        features.append(TokenFeatures(r.position, r.layer, r.top_ids, r.top_values, r.watch,
-                                      r.raw, r.out_of_distribution))
-        events += r.events
-    return features, events
+        if r.position > delivered.get(r.layer, -1):
+            delivered[r.layer] = r.position
+            fresh.append(r)
+    return fresh
+
+
+def _features(records: list[MonitorRecord]) -> tuple[list[TokenFeatures], list[MonitorEvent]]:
+    """The caller's features and events of new records."""
+    features = [TokenFeatures(r.position, r.layer, r.top_ids, r.top_values, r.watch, r.raw,
+                              r.out_of_distribution) for r in records if r.client]
+    return features, [e for r in records for e in r.events if not e.monitor]
+
+
+class _GuardReport:
+    """Reports one request's server-wide monitoring to the listener: every value a monitor
+    judged (in-distribution positions unless it includes the others), every event with the
+    token it fired on."""
+
+    def __init__(self, listener: GuardListener | None, request_id: str,
+                 spec: SteeringSpec) -> None:
+        self.listener, self.request_id = listener, request_id
+        self.guards = {g.name: g for g in spec.guards}
+        self.fired: set[str] = set()
+        self.tokens: list[int] = []
+
+    def tokens_of(self, out: Any, *, delta: bool) -> None:
+        """Keep the request's tokens (prompt, then generated) to name the fired ones."""
+        if not self.tokens:
+            self.tokens.extend(out.prompt_token_ids or ())
+            self.prompt = len(self.tokens)
+        ids = out.outputs[0].token_ids if out.outputs else ()
+        if delta:
+            self.tokens.extend(ids)
+        else:
+            self.tokens[self.prompt:] = ids
+
+    def first_stop(self, records: list[MonitorRecord]) -> MonitorEvent | None:
+        """The earliest event of a ``stop`` monitor in ``records`` (by position)."""
+        stops = [e for r in records for e in r.events
+                 if e.monitor and self.guards[e.monitor].action == "stop"]
+        return min(stops, key=lambda e: e.position, default=None)
+
+    def report(self, records: list[MonitorRecord]) -> list[MonitorEvent]:
+        values: dict[str, list[float]] = {}
+        events: list[MonitorEvent] = []
+        for r in records:
+            at = [g for g in self.guards.values() if g.layer == r.layer]
+            for g, value in zip(at, r.guard_values, strict=True):
+                if not r.out_of_distribution or g.include_out_of_distribution:
+                    values.setdefault(g.name, []).append(value)
+            events += (e for e in r.events if e.monitor)
+        if self.listener is not None:
+            for name, observed in values.items():
+                self.listener.observed(name, observed)
+            for e in events:
+                guard = self.guards[e.monitor]
+                token = self.tokens[e.position] if e.position < len(self.tokens) else -1
+                self.listener.fired(GuardEvent(self.request_id, e.monitor, guard.action,
+                                               e.position, token, e.layer, e.feature, e.value,
+                                               e.threshold), e.monitor not in self.fired)
+                self.fired.add(e.monitor)
+        return events
+
+
+class _Holdback:
+    """Generated tokens of a request under a ``stop`` monitor, released once the monitor has
+    read them (the features at position p come from the pass after token p was sampled), so
+    nothing after a firing token reaches the caller.
+
+    Tokens and text are released together at output boundaries (vLLM's cumulative outputs
+    give the text of every token count they end at: one token per decode step)."""
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.sent_tokens = 0
+        self.sent_text = 0
+        self.text_at: dict[int, int] = {0: 0}
+        self.ids: tuple[int, ...] = ()
+        self.text = ""
+
+    def add(self, out: Any) -> None:
+        completion = out.outputs[0]
+        self.prompt = len(out.prompt_token_ids or ())
+        self.ids, self.text = tuple(completion.token_ids), completion.text
+        self.text_at[len(self.ids)] = len(self.text)
+
+    def release(self, up_to_position: int | None) -> tuple[tuple[int, ...], str]:
+        """New tokens and text up to ``up_to_position`` (``None``: everything)."""
+        count = len(self.ids) if up_to_position is None else max(
+            (c for c in self.text_at if c <= up_to_position - self.prompt + 1), default=0)
+        count = max(count, self.sent_tokens)
+        tokens = self.ids[self.sent_tokens:count]
+        end = self.text_at.get(count, len(self.text))
+        text = self.text[self.sent_text:end]
+        self.sent_tokens, self.sent_text = count, max(end, self.sent_text)
+        return tokens, text
 
 
 @contextlib.contextmanager
@@ -268,6 +399,9 @@ class ResaeEngine:
         self.admission = ConfigAdmission(min(max_configs or info.max_configs, info.max_configs))
         self._fetcher = _MonitorFetcher(driver)
         self._ids = itertools.count()
+        self.guards = GuardPolicy()
+        """Server-wide monitors and policy interventions (:meth:`set_guards`)."""
+        self.listener: GuardListener | None = None
 
     @classmethod
     async def build(cls, model: str | os.PathLike[str], dictionary: str | os.PathLike[str], *,
@@ -337,10 +471,16 @@ class ResaeEngine:
 
     # ------------------------------------------------------------------ requests
 
+    def set_guards(self, policy: GuardPolicy, listener: GuardListener | None = None) -> None:
+        """Apply ``policy`` to every request from now on, reporting to ``listener``."""
+        policy.validate(self.info.layers, self.info.d_sae, self.info.d_model)
+        self.guards, self.listener = policy, listener
+
     def spec(self, interventions: Sequence[Intervention] = (), monitor: MonitorSpec | None = None,
              key: str = "") -> SteeringSpec:
-        """A validated :class:`SteeringSpec` (raises ``InterventionError`` naming the field)."""
-        return steering_spec(self.info, interventions, monitor, key)
+        """A validated :class:`SteeringSpec` with the server's policy for request ``key``
+        (raises ``InterventionError`` naming the field)."""
+        return steering_spec(self.info, interventions, monitor, key, self.guards)
 
     async def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
                        interventions: Sequence[Intervention] = (),
@@ -350,31 +490,48 @@ class ResaeEngine:
         request_id = request_id or f"resae-{next(self._ids)}"
         spec = self.spec(interventions, monitor, key=request_id)
         item = prompt_with(prompt, spec)
+        hold = _Holdback() if any(g.action == "stop" for g in spec.guards) else None
         n_tokens, n_text = 0, 0
         steps = self.steered(spec, request_id,
                              lambda: self.driver.generate(item, sampling, spec, request_id))
         try:
-            async for out, features, events in steps:
+            async for step in steps:
+                out, finished = step.out, bool(step.out.finished)
                 completion = out.outputs[0]
-                tokens = tuple(completion.token_ids[n_tokens:])
-                text = completion.text[n_text:]
-                n_tokens, n_text = len(completion.token_ids), len(completion.text)
-                yield GenerationChunk(request_id, tokens, text, tuple(features), tuple(events),
-                                      bool(out.finished), completion.finish_reason)
+                if hold is None:
+                    tokens = tuple(completion.token_ids[n_tokens:])
+                    text = completion.text[n_text:]
+                    n_tokens, n_text = len(completion.token_ids), len(completion.text)
+                    yield GenerationChunk(request_id, tokens, text, tuple(step.features),
+                                          tuple(step.events), finished,
+                                          completion.finish_reason)
+                    continue
+                hold.add(out)
+                if step.stop is not None:
+                    tokens, text = hold.release(step.stop.position)
+                    yield GenerationChunk(request_id, tokens, text, tuple(step.features),
+                                          tuple(step.events), True, "guardrail", step.stop)
+                    return            # ``steps`` ended: it aborted the engine request
+                tokens, text = hold.release(None if finished else step.read_up_to)
+                yield GenerationChunk(request_id, tokens, text, tuple(step.features),
+                                      tuple(step.events), finished, completion.finish_reason)
         finally:
             await steps.aclose()
 
     async def steered(self, spec: SteeringSpec, request_id: str,
-                      start: Callable[[], AsyncIterator[Any]]
-                      ) -> AsyncGenerator[tuple[Any, list[TokenFeatures], list[MonitorEvent]],
-                                          None]:
+                      start: Callable[[], AsyncIterator[Any]], *, delta: bool = False
+                      ) -> AsyncGenerator[Step, None]:
         """The life of one steered request, shared by every front end: wait in admission,
         run ``start()`` (the engine's stream of vLLM ``RequestOutput`` s of ``request_id``,
         steered by ``spec``; ``spec.key`` names its monitor results in the worker), and yield
-        each output with the features and events newly available (monitored requests; the
-        final output waits for the worker's queue). Stopping early aborts ``request_id`` and
-        drops its monitor results; the config is always released."""
-        monitoring = bool(spec.monitor.layers)
+        each output as a :class:`Step` with the features and events newly available
+        (monitored requests; the final output waits for the worker's queue). Server-wide
+        monitors' values and events go to the engine's listener. ``delta``: the outputs
+        carry new tokens only (vLLM's ``RequestOutputKind.DELTA``). Stopping early aborts
+        ``request_id`` and drops its monitor results; the config is always released."""
+        monitoring = bool(spec.monitor_layers)
+        layers = spec.monitor_layers
+        report = _GuardReport(self.listener, request_id, spec)
         handle = await self.admission.acquire(spec)
         finished = False
         stream: AsyncIterator[Any] | None = None
@@ -384,12 +541,24 @@ class ResaeEngine:
             async for out in stream:
                 features: list[TokenFeatures] = []
                 events: list[MonitorEvent] = []
+                guard_events: list[MonitorEvent] = []
+                stop: MonitorEvent | None = None
                 if monitoring:
-                    records = await self._fetcher.fetch(spec.key, wait=bool(out.finished))
-                    features, events = _features(records, delivered)
+                    records = _new_records(
+                        await self._fetcher.fetch(spec.key, wait=bool(out.finished)),
+                        delivered)
+                    stop = report.first_stop(records)
+                    if stop is not None:
+                        records = [r for r in records if r.position <= stop.position]
+                    features, events = _features(records)
+                    if spec.guards:
+                        report.tokens_of(out, delta=delta)
+                        guard_events = report.report(records)
                 finished = bool(out.finished)
-                yield out, features, events
-                if finished:
+                yield Step(out, features, events, guard_events,
+                           min((delivered.get(layer, -1) for layer in layers), default=-1),
+                           stop)
+                if finished or stop is not None:
                     break
         finally:
             try:
@@ -417,4 +586,4 @@ async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
                            "".join(c.text for c in parts),
                            tuple(f for c in parts for f in c.features),
                            tuple(e for c in parts for e in c.events), last.finished,
-                           last.finish_reason)
+                           last.finish_reason, last.guardrail)

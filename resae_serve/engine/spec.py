@@ -24,6 +24,81 @@ PHASES: tuple[str, ...] = get_args(Phase)
 EXTRA_ARGS_KEY = "resae"
 MAX_EDITS_PER_LAYER = 8
 """Edit slots per request and layer in the worker's tables (feature edits; vectors are free)."""
+MAX_CONDITIONS = 4
+"""Distinct ``when`` conditions per request (all layers together)."""
+GuardAction = Literal["record", "stop", "steer"]
+GUARD_ACTIONS: tuple[str, ...] = get_args(GuardAction)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Gate of an intervention: it applies on the tokens where ``feature``'s code at ``layer``
+    is ``>= value``.
+
+    Evaluated inside the op, in the same forward pass and on the same token, from the block
+    output at ``layer`` before that layer's own edits (earlier layers' edits included: they
+    are in the stream). ``layer`` must be at or before the intervention's layer.
+    """
+
+    layer: int
+    feature: int
+    value: float
+    sticky: bool = False
+    """Once it holds on a token it holds on every later token of the request (a latch)."""
+    include_out_of_distribution: bool = False
+    """Let out-of-distribution positions (:mod:`resae_serve.context`: the first position, norm
+    outliers) satisfy it; by default they never do."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.value):
+            raise InterventionError(f"when: value={self.value!r} for feature {self.feature} at "
+                                    f"layer {self.layer}; must be a finite number")
+
+    def to_wire(self) -> list[Any]:
+        return [self.layer, self.feature, float(self.value), self.sticky,
+                self.include_out_of_distribution]
+
+    @classmethod
+    def from_wire(cls, data: Sequence[Any] | None) -> Condition | None:
+        if data is None:
+            return None
+        layer, feature, value, sticky, ood = data
+        return cls(int(layer), int(feature), float(value), bool(sticky), bool(ood))
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A server-wide monitor as it applies to one request (the server's config turns its
+    ``monitors`` into these): an event on every token where ``feature`` at ``layer`` reaches
+    ``threshold``, read by the worker's monitor from the same codes it reports (the edited
+    block output). ``action``: ``record`` (events and metrics only), ``stop`` (the request
+    ends at that token, finish reason ``guardrail``), ``steer`` (its edit is a sticky
+    conditional edit the front end adds to the request's edits)."""
+
+    name: str
+    layer: int
+    feature: int
+    threshold: float
+    action: GuardAction = "record"
+    include_out_of_distribution: bool = False
+    """Also fire at out-of-distribution positions (by default they never fire)."""
+
+    def __post_init__(self) -> None:
+        if self.action not in GUARD_ACTIONS:
+            raise InterventionError(f"monitor {self.name!r}: action={self.action!r}; allowed: "
+                                    f"{', '.join(GUARD_ACTIONS)}")
+        if not math.isfinite(self.threshold):
+            raise InterventionError(f"monitor {self.name!r}: threshold={self.threshold!r}; "
+                                    "must be a finite number")
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, self.layer, self.feature, float(self.threshold), self.action,
+                self.include_out_of_distribution]
+
+    @classmethod
+    def from_wire(cls, data: Sequence[Any]) -> Guard:
+        name, layer, feature, threshold, action, ood = data
+        return cls(str(name), int(layer), int(feature), float(threshold), action, bool(ood))
 
 
 @dataclass(frozen=True)
@@ -56,6 +131,8 @@ class SteerEdit(FeatureEdit):
 
     phase: Phase = "all"
     """Apply on prompt tokens, generated tokens, or both (by input position < prompt length)."""
+    when: Condition | None = None
+    """Apply only on the tokens where this condition holds (``None``: every token)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +152,8 @@ class SteerVector:
     vector: tuple[float, ...]
     """``d_model`` finite floats."""
     phase: Phase = "all"
+    when: Condition | None = None
+    """Apply only on the tokens where this condition holds (``None``: every token)."""
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -128,10 +207,32 @@ class SteeringSpec:
     monitor: MonitorSpec = field(default_factory=MonitorSpec)
     key: str = ""
     """Caller's handle for fetching monitor results (not part of the steering hash)."""
+    guards: tuple[Guard, ...] = ()
+    """Server-wide monitors that apply to this request (set by the front end from the
+    server's config, not by the caller; read by the worker's monitor)."""
 
     @property
     def steers(self) -> bool:
         return bool(self.edits or self.vectors)
+
+    @property
+    def interventions(self) -> tuple[SteerEdit | SteerVector, ...]:
+        return (*self.edits, *self.vectors)
+
+    @property
+    def conditions(self) -> tuple[Condition, ...]:
+        """The distinct ``when`` conditions of the edits and vectors, in first-use order."""
+        seen: dict[Condition, None] = {}
+        for x in self.interventions:
+            if x.when is not None:
+                seen.setdefault(x.when)
+        return tuple(seen)
+
+    @property
+    def monitor_layers(self) -> tuple[int, ...]:
+        """Layers the worker's monitor encodes for this request: the caller's and the
+        guards'."""
+        return tuple(sorted(set(self.monitor.layers) | {g.layer for g in self.guards}))
 
     def validate(self, layers: Sequence[int], d_sae: Sequence[int], d_model: int) -> None:
         """Raise :class:`InterventionError` naming the field unless the dictionary can take it."""
@@ -150,6 +251,27 @@ class SteeringSpec:
                 raise InterventionError(f"edit: feature={edit.feature} at layer {edit.layer}; "
                                         f"allowed 0..{d_sae[i] - 1}")
             counts[edit.layer] = counts.get(edit.layer, 0) + 1
+        for x in self.interventions:
+            if x.when is None:
+                continue
+            what = "edit" if isinstance(x, SteerEdit) else "vector"
+            j = check_layer(x.when.layer, f"{what} at layer {x.layer}: when")
+            if x.when.layer > x.layer:
+                raise InterventionError(f"{what} at layer {x.layer}: when.layer={x.when.layer} "
+                                        f"is after the intervention's layer; a condition must "
+                                        f"be at or before it")
+            if not 0 <= x.when.feature < d_sae[j]:
+                raise InterventionError(f"{what} at layer {x.layer}: when.feature="
+                                        f"{x.when.feature} at layer {x.when.layer}; allowed "
+                                        f"0..{d_sae[j] - 1}")
+        if len(self.conditions) > MAX_CONDITIONS:
+            raise InterventionError(f"{len(self.conditions)} distinct when conditions; at most "
+                                    f"{MAX_CONDITIONS} per request")
+        for g in self.guards:
+            j = check_layer(g.layer, f"monitor {g.name!r}")
+            if not 0 <= g.feature < d_sae[j]:
+                raise InterventionError(f"monitor {g.name!r}: feature={g.feature} at layer "
+                                        f"{g.layer}; allowed 0..{d_sae[j] - 1}")
         for layer, count in counts.items():
             if count > MAX_EDITS_PER_LAYER:
                 raise InterventionError(f"{count} feature edits at layer {layer}; at most "
@@ -183,14 +305,17 @@ class SteeringSpec:
     def steering_json(self) -> dict[str, Any]:
         """The steering content only (what changes activations), in canonical form."""
         return {
-            "edits": [[e.layer, e.feature, e.mode, float(e.value), e.phase] for e in self.edits],
-            "vectors": [[v.layer, [float(x) for x in v.vector], v.phase] for v in self.vectors],
+            "edits": [[e.layer, e.feature, e.mode, float(e.value), e.phase,
+                       None if e.when is None else e.when.to_wire()] for e in self.edits],
+            "vectors": [[v.layer, [float(x) for x in v.vector], v.phase,
+                         None if v.when is None else v.when.to_wire()] for v in self.vectors],
         }
 
     def to_extra_args(self) -> dict[str, Any]:
         m = self.monitor
         return {EXTRA_ARGS_KEY: {
             **self.steering_json(), "key": self.key,
+            "guards": [g.to_wire() for g in self.guards],
             "monitor": {"layers": list(m.layers), "top_k": m.top_k, "watch": list(m.watch),
                         "raw": m.raw,
                         "thresholds": [[t.layer, t.feature, float(t.value)]
@@ -206,16 +331,18 @@ class SteeringSpec:
             return None
         m = data.get("monitor") or {}
         return cls(
-            edits=tuple(SteerEdit(int(a), int(b), c, float(d), p)
-                        for a, b, c, d, p in data.get("edits", ())),
-            vectors=tuple(SteerVector(int(a), tuple(float(x) for x in v), p)
-                          for a, v, p in data.get("vectors", ())),
+            edits=tuple(SteerEdit(int(a), int(b), c, float(d), p, Condition.from_wire(w))
+                        for a, b, c, d, p, w in data.get("edits", ())),
+            vectors=tuple(SteerVector(int(a), tuple(float(x) for x in v), p,
+                                      Condition.from_wire(w))
+                          for a, v, p, w in data.get("vectors", ())),
             monitor=MonitorSpec(tuple(m.get("layers", ())), int(m.get("top_k", 0)),
                                 tuple(m.get("watch", ())), bool(m.get("raw", False)),
                                 tuple(Threshold(int(a), int(b), float(v))
                                       for a, b, v in m.get("thresholds", ())),
                                 bool(m.get("include_out_of_distribution", False))),
             key=str(data.get("key", "")),
+            guards=tuple(Guard.from_wire(g) for g in data.get("guards", ())),
         )
 
     def content_hash(self) -> str:

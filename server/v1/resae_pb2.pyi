@@ -105,16 +105,32 @@ class SteeringVector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Intervention(_message.Message):
-    __slots__ = ("layer", "phase", "feature", "vector")
+    __slots__ = ("layer", "phase", "feature", "vector", "when")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    WHEN_FIELD_NUMBER: _ClassVar[int]
     layer: int
     phase: Phase
     feature: FeatureEdit
     vector: SteeringVector
-    def __init__(self, layer: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., feature: _Optional[_Union[FeatureEdit, _Mapping]] = ..., vector: _Optional[_Union[SteeringVector, _Mapping]] = ...) -> None: ...
+    when: Condition
+    def __init__(self, layer: _Optional[int] = ..., phase: _Optional[_Union[Phase, str]] = ..., feature: _Optional[_Union[FeatureEdit, _Mapping]] = ..., vector: _Optional[_Union[SteeringVector, _Mapping]] = ..., when: _Optional[_Union[Condition, _Mapping]] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("layer", "feature", "value", "sticky", "include_out_of_distribution")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OUT_OF_DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    feature: int
+    value: float
+    sticky: bool
+    include_out_of_distribution: bool
+    def __init__(self, layer: _Optional[int] = ..., feature: _Optional[int] = ..., value: _Optional[float] = ..., sticky: _Optional[bool] = ..., include_out_of_distribution: _Optional[bool] = ...) -> None: ...
 
 class Threshold(_message.Message):
     __slots__ = ("layer", "feature", "value")
@@ -175,18 +191,20 @@ class TokenFeatures(_message.Message):
     def __init__(self, position: _Optional[int] = ..., layer: _Optional[int] = ..., top: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ..., watch: _Optional[_Iterable[float]] = ..., out_of_distribution: _Optional[bool] = ..., out_of_distribution_reason: _Optional[_Union[OutOfDistribution, str]] = ...) -> None: ...
 
 class FeatureEvent(_message.Message):
-    __slots__ = ("position", "layer", "feature", "value", "threshold")
+    __slots__ = ("position", "layer", "feature", "value", "threshold", "monitor")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
     position: int
     layer: int
     feature: int
     value: float
     threshold: float
-    def __init__(self, position: _Optional[int] = ..., layer: _Optional[int] = ..., feature: _Optional[int] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+    monitor: str
+    def __init__(self, position: _Optional[int] = ..., layer: _Optional[int] = ..., feature: _Optional[int] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., monitor: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("input", "sampling", "interventions", "monitor")
@@ -221,7 +239,7 @@ class TokenChunk(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ..., text: _Optional[str] = ..., features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[FeatureEvent, _Mapping]]] = ...) -> None: ...
 
 class GenerateSummary(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "time_to_first_token_s", "total_time_s", "decode_tokens_per_s", "text")
+    __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens", "time_to_first_token_s", "total_time_s", "decode_tokens_per_s", "text", "guardrail")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +247,7 @@ class GenerateSummary(_message.Message):
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
     DECODE_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    GUARDRAIL_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
@@ -236,7 +255,8 @@ class GenerateSummary(_message.Message):
     total_time_s: float
     decode_tokens_per_s: float
     text: str
-    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+    guardrail: FeatureEvent
+    def __init__(self, finish_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., decode_tokens_per_s: _Optional[float] = ..., text: _Optional[str] = ..., guardrail: _Optional[_Union[FeatureEvent, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("prompt", "chunk", "summary")
@@ -439,3 +459,51 @@ class ResaeFeatures(_message.Message):
     features: _containers.RepeatedCompositeFieldContainer[TokenFeatures]
     events: _containers.RepeatedCompositeFieldContainer[FeatureEvent]
     def __init__(self, features: _Optional[_Iterable[_Union[TokenFeatures, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[FeatureEvent, _Mapping]]] = ...) -> None: ...
+
+class WatchEventsRequest(_message.Message):
+    __slots__ = ("monitors",)
+    MONITORS_FIELD_NUMBER: _ClassVar[int]
+    monitors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, monitors: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchedEvent(_message.Message):
+    __slots__ = ("request_id", "monitor", "action", "position", "token_id", "token_text", "layer", "feature", "value", "threshold", "time_unix_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MONITOR_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_TEXT_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    monitor: str
+    action: str
+    position: int
+    token_id: int
+    token_text: str
+    layer: int
+    feature: int
+    value: float
+    threshold: float
+    time_unix_s: float
+    def __init__(self, request_id: _Optional[str] = ..., monitor: _Optional[str] = ..., action: _Optional[str] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., token_text: _Optional[str] = ..., layer: _Optional[int] = ..., feature: _Optional[int] = ..., value: _Optional[float] = ..., threshold: _Optional[float] = ..., time_unix_s: _Optional[float] = ...) -> None: ...
+
+class EventsDropped(_message.Message):
+    __slots__ = ("dropped", "total")
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    total: int
+    def __init__(self, dropped: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
+
+class WatchEventsResponse(_message.Message):
+    __slots__ = ("event", "dropped")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    event: WatchedEvent
+    dropped: EventsDropped
+    def __init__(self, event: _Optional[_Union[WatchedEvent, _Mapping]] = ..., dropped: _Optional[_Union[EventsDropped, _Mapping]] = ...) -> None: ...

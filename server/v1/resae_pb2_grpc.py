@@ -65,6 +65,11 @@ class ResaeServiceStub:
                 request_serializer=resae_dot_v1_dot_resae__pb2.SearchFeaturesRequest.SerializeToString,
                 response_deserializer=resae_dot_v1_dot_resae__pb2.SearchFeaturesResponse.FromString,
                 _registered_method=True)
+        self.WatchEvents = channel.unary_stream(
+                '/resae.v1.ResaeService/WatchEvents',
+                request_serializer=resae_dot_v1_dot_resae__pb2.WatchEventsRequest.SerializeToString,
+                response_deserializer=resae_dot_v1_dot_resae__pb2.WatchEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ResaeServiceServicer:
@@ -115,6 +120,16 @@ class ResaeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEvents(self, request, context):
+        """Events of the server-wide monitors (the server's config) across all requests, as they
+        happen, until the caller cancels. Each subscriber has a bounded buffer: when it reads
+        slower than events arrive, the oldest buffered events are dropped (never generation
+        slowed down), counted in the stream (EventsDropped) and in the server's metrics.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ResaeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +162,11 @@ def add_ResaeServiceServicer_to_server(servicer, server):
                     servicer.SearchFeatures,
                     request_deserializer=resae_dot_v1_dot_resae__pb2.SearchFeaturesRequest.FromString,
                     response_serializer=resae_dot_v1_dot_resae__pb2.SearchFeaturesResponse.SerializeToString,
+            ),
+            'WatchEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEvents,
+                    request_deserializer=resae_dot_v1_dot_resae__pb2.WatchEventsRequest.FromString,
+                    response_serializer=resae_dot_v1_dot_resae__pb2.WatchEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +332,33 @@ class ResaeService:
             '/resae.v1.ResaeService/SearchFeatures',
             resae_dot_v1_dot_resae__pb2.SearchFeaturesRequest.SerializeToString,
             resae_dot_v1_dot_resae__pb2.SearchFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/resae.v1.ResaeService/WatchEvents',
+            resae_dot_v1_dot_resae__pb2.WatchEventsRequest.SerializeToString,
+            resae_dot_v1_dot_resae__pb2.WatchEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,7 +17,9 @@ from resae_serve.cli.render_client import (
     feature_list,
     search_hits,
     side_by_side,
+    summary_line,
     token_table,
+    watch_line,
     wrap,
 )
 from resae_serve.errors import ResaeError
@@ -63,6 +65,18 @@ def test_bad_mode_and_non_finite_values() -> None:
         sdk.add(6, 1, math.nan)
     with pytest.raises(ValueError, match="must be finite"):
         sdk.vector(6, [1.0, math.inf])
+
+
+def test_builders_gate_interventions_with_a_condition() -> None:
+    gate = sdk.condition(6, 5, 2.5, sticky=True)
+    assert gate == pb.Condition(layer=6, feature=5, value=2.5, sticky=True)
+    for built in (sdk.add(12, 1, 2.0, when=gate), sdk.clamp(12, 1, 0.0, when=gate),
+                  sdk.scale(12, 1, 0.5, when=gate), sdk.ablate(12, 1, when=gate),
+                  sdk.vector(12, [1.0], when=gate)):
+        assert built.when == gate
+    assert not sdk.add(12, 1, 2.0).HasField("when")
+    with pytest.raises(ValueError, match=r"when\.value=nan"):
+        sdk.condition(6, 5, math.nan)
 
 
 def test_monitor_builder() -> None:
@@ -134,6 +148,12 @@ def test_completion_collects_a_stream() -> None:
     ("6:7:clamp:-1.5:prompt", sdk.clamp(6, 7, -1.5, "prompt")),
     ("6:7:scale:0.5:generation", sdk.scale(6, 7, 0.5, "generation")),
     ("6:7:ablate", sdk.ablate(6, 7)),
+    ("18:7:clamp:0@12:345>=4", sdk.clamp(18, 7, 0.0, when=sdk.condition(12, 345, 4.0))),
+    ("18:7:ablate@12:345>=-0.5:sticky", sdk.ablate(18, 7, when=sdk.condition(12, 345, -0.5,
+                                                                             sticky=True))),
+    ("18:7:add:2:generation@6:1>=2.5:ood:sticky",
+     sdk.add(18, 7, 2.0, "generation", when=sdk.condition(
+         6, 1, 2.5, sticky=True, include_out_of_distribution=True))),
 ])
 def test_parse_steer(spec: str, expected: pb.Intervention) -> None:
     assert parse_steer(spec) == expected
@@ -147,6 +167,11 @@ def test_parse_steer(spec: str, expected: pb.Intervention) -> None:
     ("12:345:boost:4", "mode='boost'"),
     ("12:345:add:4:later", "phase='later'"),
     ("12:345:add:nan", "must be finite"),
+    ("12:345:add:4@6:7", "condition '6:7'; expected @LAYER:FEATURE>=VALUE"),
+    ("12:345:add:4@6>=2", "condition '6>=2'; expected @LAYER:FEATURE>=VALUE"),
+    ("12:345:add:4@6:x>=2", "LAYER and FEATURE must be integers"),
+    ("12:345:add:4@6:7>=2:latch", "condition flag 'latch'; allowed: sticky, ood"),
+    ("12:345:add:4@6:7>=inf", "when.value=inf; must be finite"),
 ])
 def test_parse_steer_errors_name_flag_and_value(spec: str, reason: str) -> None:
     with pytest.raises(ResaeError) as info:
@@ -171,6 +196,25 @@ def test_cli_parses_client_generate() -> None:
          "--target", "example:1"])
     assert args.steer == ["6:1:add:2", "6:2:ablate"] and args.monitor_layers == [6, 12]
     assert args.watch == [5, 9, 11] and args.compare and args.target == "example:1"
+
+
+def test_cli_parses_client_watch() -> None:
+    from resae_serve.cli import build_parser
+
+    args = build_parser().parse_args(["client", "watch", "--monitor", "tox", "--monitor", "pii",
+                                      "--count", "3"])
+    assert args.monitor == ["tox", "pii"] and args.count == 3
+    assert build_parser().parse_args(["client", "watch"]).monitor == []
+
+
+def test_cli_watch_help_and_steer_help_document_the_syntax(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["client", "watch", "--help"])
+    assert "--monitor NAME" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["client", "generate", "--help"])
+    assert "LAYER:FEATURE>=VALUE[:sticky][:ood]" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_grpc_error_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -254,6 +298,31 @@ def test_token_table_marks_out_of_distribution_positions() -> None:
 def test_token_table_without_features() -> None:
     table = token_table([pb.Token(position=0, id=1, text="x" * 40)], [])
     assert table.splitlines()[1] == "    0  '" + "x" * 14 + "…"  # cut to TOKEN_WIDTH
+
+
+def test_watch_lines() -> None:
+    event = pb.WatchedEvent(request_id="resae-1", monitor="tox", action="stop", position=17,
+                            token_id=9, token_text=" bad\n", layer=12, feature=345, value=4.25,
+                            threshold=4.0, time_unix_s=1_700_000_000.125)
+    assert watch_line(event) == ("2023-11-14T22:13:20.125Z  resae-1  tox (stop)  pos 17 "
+                                 "' bad\\n'  layer 12 feature 345: 4.25 >= 4.00")
+    assert watch_line(pb.EventsDropped(dropped=7, total=30)) == (
+        "... 7 event(s) dropped: this reader fell behind (30 dropped in all)")
+
+
+def test_summary_and_table_name_the_monitor() -> None:
+    summary = pb.GenerateSummary(finish_reason="guardrail", prompt_tokens=3,
+                                 completion_tokens=2, guardrail=pb.FeatureEvent(
+                                     position=4, layer=3, feature=7, value=6.5, threshold=6.0,
+                                     monitor="guard"))
+    assert summary_line(summary).startswith("finish guardrail;")
+    assert summary_line(summary).endswith("; stopped by monitor 'guard' at position 4 (layer 3 "
+                                          "feature 7: 6.50 >= 6.00)")
+    assert "stopped" not in summary_line(pb.GenerateSummary(finish_reason="stop"))
+    table = token_table([pb.Token(position=4, id=1, text="x")], [], events=[
+        pb.FeatureEvent(position=4, layer=3, feature=7, value=6.5, threshold=6.0,
+                        monitor="guard")])
+    assert table.splitlines()[-1].endswith("6.50 >= 6.00 (monitor guard)")
 
 
 def test_catalog_rendering() -> None:

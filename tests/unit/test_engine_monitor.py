@@ -10,7 +10,14 @@ import torch
 from resae_serve.context import OutOfDistribution, TrainingContext
 from resae_serve.engine.monitor import Monitor, StepCapture
 from resae_serve.engine.rpc import MonitorEvent
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector, Threshold
+from resae_serve.engine.spec import (
+    Guard,
+    MonitorSpec,
+    SteerEdit,
+    SteeringSpec,
+    SteerVector,
+    Threshold,
+)
 from resae_serve.engine.tables import SteeringTables
 from resae_serve.resae import ReSAE
 from tests.unit.resae_fixtures import D_MODEL, LAYERS, tiny_acts, tiny_resae
@@ -199,3 +206,34 @@ def test_threshold_events_skip_out_of_distribution_positions_unless_asked(
     assert all(len(r.watch) == 1 for r in records)
     back = SteeringSpec.from_extra_args(SteeringSpec(monitor=spec).to_extra_args())
     assert back is not None and back.monitor.include_out_of_distribution == include
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_guards_read_their_layer_beside_the_requests_own_monitor(include: bool) -> None:
+    """A server-wide monitor (guard) at a layer the request does not monitor: its records
+    carry the guard's values and events only (not reported to the caller), events skip
+    out-of-distribution positions unless the guard includes them, and the request's own
+    layer is reported as before."""
+    resae, acts = tiny_resae(), _outlier_acts()
+    with torch.no_grad():
+        z = resae.encode_dense(acts)
+    monitor = Monitor(resae)
+    monitor.context = TRAINED
+    guard = Guard("g", LAYERS[1], 3, 0.0, "record", include)       # 0.0: fires everywhere
+    own = MonitorSpec((LAYERS[0],), top_k=2)
+    spec = SteeringSpec(monitor=own, key="a", guards=(guard,))
+    monitor.register("a", own, spec.guards)
+    step, _ = _op_step(resae, {"a": spec}, [5], acts)
+    monitor.submit(step)
+    records = monitor.take("a")
+    mine = [r for r in records if r.layer == LAYERS[0]]
+    guarded = [r for r in records if r.layer == LAYERS[1]]
+    assert [r.position for r in mine] == [0, 1, 2, 3, 4] and all(r.client for r in mine)
+    assert all(len(r.top_ids) == 2 and r.guard_values == () and not r.events for r in mine)
+    assert [r.position for r in guarded] == [0, 1, 2, 3, 4]
+    for p, r in enumerate(guarded):
+        assert not r.client and r.top_ids == () and r.watch == ()
+        assert r.guard_values == (pytest.approx(z[LAYERS[1]][p, 3].item(), abs=1e-5),)
+    fired = [r.position for r in guarded if r.events]
+    assert fired == ([0, 1, 2, 3, 4] if include else [1, 2, 4])
+    assert all(e.monitor == "g" and e.threshold == 0.0 for r in guarded for e in r.events)

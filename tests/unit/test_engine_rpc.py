@@ -50,7 +50,9 @@ def test_wire_forms_round_trip_also_when_tuples_arrive_as_lists() -> None:
     assert pickle.loads(pickle.dumps(RECORD)) == RECORD      # between workers (pickle)
     flagged = RECORD._replace(out_of_distribution=2)
     assert MonitorRecord.from_wire(flagged.to_wire()) == flagged
-    assert MonitorRecord.from_wire(RECORD.to_wire()[:-1]) == RECORD   # an older worker's form
+    guarded = RECORD._replace(events=(MonitorEvent(7, 12, 9, 2.5, 2.0, "toxicity"),),
+                              guard_values=(2.5,), client=False)
+    assert MonitorRecord.from_wire(listed(guarded.to_wire())) == guarded
 
 
 def test_results_survive_vllms_engine_core_transport() -> None:
@@ -67,8 +69,8 @@ def test_results_survive_vllms_engine_core_transport() -> None:
 
     # why the wire forms exist: a NamedTuple arrives as a plain list (nested ones too)
     plain = transported(RECORD)
-    assert type(plain) is list and plain[:3] == ["req-1", 7, 12] and plain[-2:] == [
-        [[7, 12, 9, 2.5, 2.0]], 0]
+    assert type(plain) is list and plain[:3] == ["req-1", 7, 12] and plain[-4:] == [
+        [[7, 12, 9, 2.5, 2.0, ""]], 0, [], True]
     taken = transported({"req-1": rpc.records_to_wire([RECORD])})
     assert {k: rpc.records_from_wire(v) for k, v in taken.items()} == {"req-1": [RECORD]}
     assert EngineInfo.from_wire(transported(INFO.to_wire())) == INFO

@@ -4,15 +4,23 @@ liveness, and the typed worker RPCs (records in wire form, as vLLM's transport d
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from resae_serve.engine.guards import GuardEvent, GuardPolicy, ServerMonitor
 from resae_serve.engine.rpc import EngineInfo, FeatureRuntimeInfo, MonitorEvent, MonitorRecord, Rpc
 from resae_serve.engine.serving import ResaeEngine, collect
-from resae_serve.engine.spec import MonitorSpec, SamplingSpec, SteerEdit, SteeringSpec, Threshold
+from resae_serve.engine.spec import (
+    Condition,
+    MonitorSpec,
+    SamplingSpec,
+    SteerEdit,
+    SteeringSpec,
+    Threshold,
+)
 from resae_serve.interventions import InterventionError
 
 INFO = EngineInfo(layers=(1, 3), d_sae=(32, 32), d_model=8, max_configs=1)
@@ -47,17 +55,25 @@ class FakeEngine:
             await self.gate.wait()
             positions = range(n_prompt) if step == 0 else [n_prompt + step - 1]
             for p in positions:
-                for layer in monitor:
-                    events = (MonitorEvent(p, layer, 4, 2.5, 2.0),) if p == 1 else ()
+                for layer in steering.monitor_layers:
+                    client = layer in monitor
+                    events = (MonitorEvent(p, layer, 4, 2.5, 2.0),) if p == 1 and client else ()
+                    guards = [g for g in steering.guards if g.layer == layer]
+                    events += tuple(MonitorEvent(p, layer, g.feature, float(p), g.threshold,
+                                                 g.name) for g in guards if p >= g.threshold)
                     self.records.setdefault(request_id, []).append(MonitorRecord(
-                        request_id, p, layer, (p, 0), (float(p), 0.0), (float(p),),
-                        events=events))
+                        request_id, p, layer, *(((p, 0), (float(p), 0.0), (float(p),))
+                                                if client else ((), (), ())),
+                        events=events, out_of_distribution=int(p == 0),
+                        guard_values=tuple(float(p) for _ in guards), client=client))
             if step == 1:   # a recompute after preemption repeats position 0
                 self.records.setdefault(request_id, []).extend(
                     MonitorRecord(request_id, 0, layer) for layer in monitor)
             tokens.append(100 + step)
             done = step == self.n_tokens - 1
-            yield SimpleNamespace(request_id=request_id, finished=done, outputs=[SimpleNamespace(
+            yield SimpleNamespace(request_id=request_id, finished=done,
+                                  prompt_token_ids=prompt["prompt_token_ids"],
+                                  outputs=[SimpleNamespace(
                 token_ids=list(tokens), text="x" * len(tokens),
                 finish_reason="length" if done else None)])
         self.live.remove(request_id)
@@ -218,3 +234,71 @@ def test_an_engine_error_mid_stream_releases_the_config() -> None:
         assert engine.admission.resident == 0
 
     asyncio.run(scenario())
+
+
+class _Listener:
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+        self.fired: list[tuple[GuardEvent, bool]] = []
+
+    def observed(self, monitor: str, values: Sequence[float]) -> None:
+        self.values.setdefault(monitor, []).extend(values)
+
+    def fired_(self, event: GuardEvent, first: bool) -> None:
+        self.fired.append((event, first))
+
+
+
+def test_a_stop_monitor_ends_the_request_at_the_firing_token() -> None:
+    """Generated tokens are held back until the monitor read them; the request ends at the
+    stop monitor's first event (finish reason ``guardrail``, aborted in the engine); the
+    listener hears every guard value and event up to that position, none after it."""
+    async def scenario() -> None:
+        driver = FakeEngine(n_tokens=6)
+        engine = ResaeEngine(driver, INFO)
+        listener = _Listener()
+        policy = GuardPolicy((ServerMonitor("rec", 1, 7, 2.0), ServerMonitor("halt", 3, 9, 4.0,
+                                                                               "stop")))
+        engine.set_guards(policy, SimpleNamespace(observed=listener.observed,
+                                                  fired=listener.fired_))
+        chunks = [c async for c in engine.generate(PROMPT, _sampling(), request_id="a")]
+        # P = 3: token 100 at position 3, 101 at 4 (the first position >= 4.0)
+        assert [c.token_ids for c in chunks] == [(), (100,), (101,)]
+        assert "".join(c.text for c in chunks) == "xx"
+        last = chunks[-1]
+        assert last.finished and last.finish_reason == "guardrail"
+        assert last.guardrail == MonitorEvent(4, 3, 9, 4.0, 4.0, "halt")
+        assert driver.aborted == ["a"] and driver.discarded == ["a"]
+        assert not any(c.features or c.events for c in chunks)     # nothing asked by the caller
+        fired = [(e.monitor, e.position, e.token_id, first) for e, first in listener.fired]
+        assert fired == [("rec", 2, 7, True), ("rec", 3, 100, False), ("rec", 4, 101, False),
+                         ("halt", 4, 101, True)]
+        # position 0 is out of distribution: not observed
+        assert listener.values == {"rec": [1.0, 2.0, 3.0, 4.0], "halt": [1.0, 2.0, 3.0, 4.0]}
+        assert engine.resident_configs == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_policy_applies_to_sampled_requests_and_refuses_what_does_not_fit() -> None:
+    engine = ResaeEngine(FakeEngine(), INFO)
+    nudge = ServerMonitor("nudge", 1, 7, 2.0, "steer", SteerEdit(3, 5, "add", 1.0))
+    engine.set_guards(GuardPolicy((nudge,)))
+    spec = engine.spec(key="r")
+    assert spec.guards == (nudge.guard(),)
+    assert spec.edits == (SteerEdit(3, 5, "add", 1.0, when=Condition(1, 7, 2.0, sticky=True)),)
+    assert spec.cache_salt() is not None                 # steered: its own prefix cache
+    engine.set_guards(GuardPolicy((nudge,), sample=0.0))
+    assert engine.spec(key="r").guards == () and engine.spec(key="r").edits == ()
+    half = GuardPolicy((nudge,), sample=0.5)
+    picked = sum(half.sampled(f"req-{n}") for n in range(400))
+    assert 150 < picked < 250 and half.sampled("req-1") == half.sampled("req-1")
+    with pytest.raises(InterventionError, match="monitor 'far': feature=99 at layer 1"):
+        engine.set_guards(GuardPolicy((ServerMonitor("far", 1, 99, 1.0),)))
+    with pytest.raises(InterventionError, match=r"edit\.layer=1 is before the monitor's layer 3"):
+        engine.set_guards(GuardPolicy((ServerMonitor("back", 3, 1, 1.0, "steer",
+                                                     SteerEdit(1, 5, "add", 1.0)),)))
+    edits = [SteerEdit(3, f, "clamp", 0.0) for f in range(8)]     # 8 per layer: the cap
+    engine.set_guards(GuardPolicy((nudge,)))
+    with pytest.raises(InterventionError, match="server's policy adds 1 intervention"):
+        engine.spec(edits, key="r")

@@ -342,7 +342,7 @@ def test_json_response_carries_features_per_choice() -> None:
         assert all(f["top"] == [{"feature": index, "value": float(f["position"])}]
                    for f in features)
         assert choice["resae"]["events"] == [{"position": 1, "layer": 1, "feature": 0,
-                                              "value": 1.0, "threshold": 0.5}]
+                                              "value": 1.0, "threshold": 0.5, "monitor": ""}]
     plain = _post(frontend, {"prompt": "a"})
     assert "resae" not in plain.json()["choices"][0]                 # not monitored
 

@@ -5,7 +5,10 @@ a tiny tokenizer and a tiny dictionary (layers 1 and 3, d_model 8, 32 latents).
 :class:`FakeEngine` implements :class:`~resae_serve.engine.serving.ServingEngine` the way
 :class:`~resae_serve.engine.serving.ResaeEngine` behaves: it validates specs against the
 dictionary, streams one token per chunk with the features of every fed position, raises the
-engine's own errors, and records what the server asked of it. The last tests run Generate,
+engine's own errors, and records what the server asked of it. With a guard policy set
+(``set_guards``) it reports the server-wide monitors to the listener as the engine does: every
+monitor reads ``p`` at position ``p`` and fires where that reaches its threshold; a ``stop``
+monitor ends the request there (finish reason ``guardrail``). The last tests run Generate,
 Inspect and an engine death again in a fresh interpreter and check that vLLM was never imported
 (in a full run another module may have imported it first).
 """
@@ -13,6 +16,7 @@ Inspect and an engine death again in a fresh interpreter and check that vLLM was
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import subprocess
 import sys
@@ -25,10 +29,12 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 from resae_serve.artifact import read_manifest, save_artifact
+from resae_serve.engine.guards import GuardEvent, GuardListener, GuardPolicy, ServerMonitor
 from resae_serve.engine.rpc import EngineInfo, FeatureRuntimeInfo, MonitorEvent
 from resae_serve.engine.serving import (
     GenerationChunk,
@@ -36,12 +42,35 @@ from resae_serve.engine.serving import (
     TokenFeatures,
     steering_spec,
 )
-from resae_serve.engine.spec import MonitorSpec, SamplingSpec, SteeringSpec
+from resae_serve.engine.spec import (
+    Condition,
+    MonitorSpec,
+    SamplingSpec,
+    SteerEdit,
+    SteeringSpec,
+    SteerVector,
+)
 from resae_serve.errors import EngineDeadError, EngineRequestError
+from resae_serve.server import convert
 from resae_serve.server.app import ResaeServer, create_server
-from resae_serve.server.client import ResaeClient, add, monitor
-from resae_serve.server.config import EngineSettings, Limits, ServerConfig
+from resae_serve.server.client import (
+    ResaeClient,
+    add,
+    clamp,
+    condition,
+    generate_request,
+    monitor,
+    vector,
+)
+from resae_serve.server.config import (
+    EngineSettings,
+    Limits,
+    ServerConfig,
+    ServerConfigError,
+    WatchSettings,
+)
 from resae_serve.server.v1 import resae_pb2 as pb
+from resae_serve.server.v1.resae_pb2_grpc import ResaeServiceStub
 from tests.unit.resae_fixtures import D_MODEL, D_SAE, IDENTITY, LAYERS, tiny_resae
 
 CHILD_ENV = "RESAE_TEST_NO_VLLM_CHILD"
@@ -73,6 +102,14 @@ class FakeEngine:
         """Raise EngineDeadError after this many chunks (and report errored)."""
         self.pause_after: int | None = None
         """Stop producing after this many chunks until the request is cancelled."""
+        self.policy = GuardPolicy()
+        self.listener: GuardListener | None = None
+        self.guards: dict[str, tuple[str, ...]] = {}
+        """The monitors that applied to each request."""
+
+    def set_guards(self, policy: GuardPolicy, listener: GuardListener | None = None) -> None:
+        policy.validate(self.info.layers, self.info.d_sae, self.info.d_model)
+        self.policy, self.listener = policy, listener
 
     @property
     def resident_configs(self) -> int:
@@ -102,6 +139,9 @@ class FakeEngine:
         ids = list(prompt)                                   # the server sends token ids
         self.sampling[request_id], self.steering[request_id] = sampling, spec
         self.prompts[request_id] = ids
+        guards, _ = self.policy.for_request(request_id)
+        self.guards[request_id] = tuple(g.name for g in guards)
+        fired: set[str] = set()
         self.live.add(request_id)
         finished = False
         try:
@@ -121,6 +161,12 @@ class FakeEngine:
                     for p in positions for layer in m.layers)
                 events = tuple(MonitorEvent(p, t.layer, t.feature, float(p), t.value)
                                for p in positions for t in m.thresholds if p >= t.value)
+                stop = self._guard(request_id, guards, positions, ids, fired)
+                if stop is not None:                  # no token after the firing one
+                    finished = True
+                    yield GenerationChunk(request_id, (), "", features, events, True,
+                                          "guardrail", stop)
+                    return
                 finished = n == sampling.max_tokens - 1
                 token = FIRST_TOKEN + n
                 yield GenerationChunk(request_id, (token,), f" w{token - 4}", features, events,
@@ -129,6 +175,27 @@ class FakeEngine:
             self.live.discard(request_id)
             if not finished:
                 self.aborted.append(request_id)
+
+
+    def _guard(self, request_id: str, guards: Sequence[Any], positions: Sequence[int],
+               ids: Sequence[Any], fired: set[str]) -> MonitorEvent | None:
+        """Report the guards' readings of ``positions``; the event of a ``stop`` guard that
+        fired."""
+        for g in guards:
+            if self.listener is not None:
+                self.listener.observed(g.name, [float(p) for p in positions])
+            for p in positions:
+                if p < g.threshold:
+                    continue
+                token = ids[p] if p < len(ids) else FIRST_TOKEN + p - len(ids)
+                if self.listener is not None:
+                    self.listener.fired(GuardEvent(request_id, g.name, g.action, p, token,
+                                                   g.layer, g.feature, float(p), g.threshold),
+                                        g.name not in fired)
+                fired.add(g.name)
+                if g.action == "stop":
+                    return MonitorEvent(p, g.layer, g.feature, float(p), g.threshold, g.name)
+        return None
 
 
 # ----------------------------------------------------------------------------- harness
@@ -387,6 +454,7 @@ def test_a_dead_engine_is_rebuilt_and_serves_again(loop: _Loop, config: ServerCo
             after = client.complete(PROMPT, max_tokens=3)
         assert after.text == before.text and len(engines) == 2
         assert server.engine is engines[1] and server.service.engine is engines[1]
+        assert engines[1].listener is server.watch_hub is not None     # monitors apply again
         assert server.restarts == 1 and _restarts(server, "ok") == 1
         assert server.metrics.engine_up._value.get() == 1
     finally:
@@ -480,6 +548,264 @@ def test_loading_failing_and_stopping(loop: _Loop, config: ServerConfig) -> None
     guest = _start(loop, config, borrowed)
     loop.run(guest.stop(0))
     assert not shared.shut_down                         # a shared engine stays up
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+MONITORS = (ServerMonitor("late", 1, 5, 4.0),                  # fires at positions >= 4
+            ServerMonitor("early", 3, 6, 1.0),
+            ServerMonitor("guard", 3, 7, 6.0, "stop"))
+
+
+def _watching(config: ServerConfig, **watch: Any) -> ServerConfig:
+    return replace(config, watch=WatchSettings(**{"monitors": MONITORS, **watch}))
+
+
+@pytest.fixture
+def watched(loop: _Loop, config: ServerConfig) -> Iterator[tuple[ResaeServer, FakeEngine]]:
+    """A started server with the server-wide monitors of ``MONITORS`` (buffers of 4)."""
+    fake = FakeEngine()
+
+    async def factory(_: ServerConfig) -> tuple[FakeEngine, bool]:
+        return fake, True
+
+    server = _start(loop, _watching(config, subscriber_buffer=4), factory)
+    yield server, fake
+    loop.run(server.stop(0))
+
+
+def _sample(server: ResaeServer, name: str, labels: dict[str, str]) -> float:
+    return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def _wait_subscribers(server: ResaeServer, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while server.watch_hub is None or server.watch_hub.subscribers != n:
+        assert time.monotonic() < deadline, f"not {n} WatchEvents subscriber(s)"
+        time.sleep(0.01)
+
+
+def test_watch_events_streams_monitor_events_with_token_text(
+        watched: tuple[ResaeServer, FakeEngine]) -> None:
+    server, fake = watched
+    got: list[Any] = []
+    with _client(server) as client:
+        def watch() -> None:
+            for message in client.watch_events(["late"]):
+                got.append(message)
+                if len(got) == 2:
+                    return
+
+        reader = threading.Thread(target=watch)
+        reader.start()
+        _wait_subscribers(server, 1)
+        done = client.complete(PROMPT, max_tokens=4)            # positions 0..6, fed 0..5
+        reader.join(10)
+    assert not reader.is_alive()
+    assert done.summary is not None and done.summary.finish_reason == "length"
+    assert [(e.monitor, e.action, e.position, e.token_id, e.token_text, e.layer, e.feature,
+             e.value, e.threshold) for e in got] == [
+        ("late", "record", 4, 11, "w7", 1, 5, 4.0, 4.0),
+        ("late", "record", 5, 12, "w8", 1, 5, 5.0, 4.0)]
+    assert all(e.request_id == done.request_id and e.time_unix_s > 1e9 for e in got)
+    assert fake.guards[done.request_id] == ("late", "early", "guard")
+    late, early = {"monitor": "late"}, {"monitor": "early"}
+    assert _sample(server, "resae_monitor_fired_tokens_total", late) == 2
+    assert _sample(server, "resae_monitor_fired_requests_total", late) == 1
+    assert _sample(server, "resae_monitor_fired_tokens_total", early) == 5
+    assert _sample(server, "resae_monitor_value_count", late) == 6
+    assert _sample(server, "resae_monitor_value_bucket", {**late, "le": "2.0"}) == 3
+    _wait_subscribers(server, 0)                                  # the stream was closed
+
+
+def test_a_watcher_that_does_not_read_gets_exact_drop_counts(
+        loop: _Loop, watched: tuple[ResaeServer, FakeEngine]) -> None:
+    server, _ = watched
+    hub = server.watch_hub
+    assert hub is not None
+    n = 5000
+
+    async def burst() -> None:        # a busy engine: many events before the stream can run
+        for i in range(n):
+            hub.fired(GuardEvent(f"r{i}", "early", "record", i, 10, 3, 6, 1.5, 1.0), True)
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = ResaeServiceStub(channel).WatchEvents(pb.WatchEventsRequest(), timeout=30)
+        _wait_subscribers(server, 1)
+        loop.run(burst())
+        first = [next(call) for _ in range(5)]
+        assert first[0].WhichOneof("kind") == "dropped"
+        assert (first[0].dropped.dropped, first[0].dropped.total) == (n - 4, n - 4)
+        assert [m.event.request_id for m in first[1:]] == [f"r{i}" for i in range(n - 4, n)]
+        assert _sample(server, "resae_watch_dropped_events_total", {"monitor": "early"}) == n - 4
+        with _client(server) as client:         # generation goes on while nobody reads
+            done = client.complete(PROMPT, max_tokens=4)
+        events: list[pb.WatchedEvent] = []      # its 7 events: 5 "early", 2 "late"
+        dropped, total = 0, n - 4
+        while len(events) + dropped < 7:        # whatever the transport took, none is lost
+            message = next(call)
+            if message.WhichOneof("kind") == "dropped":
+                dropped += message.dropped.dropped
+                total = message.dropped.total
+            else:
+                events.append(message.event)
+        call.cancel()
+    assert all(e.request_id == done.request_id for e in events)
+    assert total == n - 4 + dropped
+    assert dropped + n - 4 == sum(
+        _sample(server, "resae_watch_dropped_events_total", {"monitor": name})
+        for name in ("late", "early", "guard"))
+    _wait_subscribers(server, 0)
+
+
+def test_watch_events_errors_and_auth(loop: _Loop, config: ServerConfig,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "t" * 32
+    monkeypatch.setenv("RESAE_AUTH_TOKENS", token)
+
+    async def factory(_: ServerConfig) -> tuple[FakeEngine, bool]:
+        return FakeEngine(), True
+
+    server = _start(loop, replace(_watching(config), auth=True), factory)
+    try:
+        with _client(server) as anonymous:
+            code, _ = _code(lambda: next(anonymous.watch_events()))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        with ResaeClient(f"127.0.0.1:{server.port}", token=token, timeout=30) as client:
+            code, message = _code(lambda: next(client.watch_events(["late", "toxic"])))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert message == ("monitors[1]='toxic' is not a monitor of this server; its "
+                               "monitors are ['late', 'early', 'guard']")
+            stream = client.watch_events(["guard"])
+            got: list[Any] = []
+            reader = threading.Thread(target=lambda: got.append(next(stream)))
+            reader.start()
+            _wait_subscribers(server, 1)
+            done = client.complete(PROMPT, max_tokens=8)
+            reader.join(10)
+            stream.close()
+        assert [(e.monitor, e.position) for e in got] == [("guard", 6)]
+        assert done.summary is not None and done.summary.finish_reason == "guardrail"
+    finally:
+        loop.run(server.stop(0))
+
+    bare = _start(loop, config, factory)                 # no monitors configured
+    try:
+        with _client(bare) as client:
+            code, message = _code(lambda: next(client.watch_events()))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "[[watch.monitors]]" in message
+    finally:
+        loop.run(bare.stop(0))
+
+
+def test_a_stop_monitor_ends_generate_with_the_guardrail_event(
+        watched: tuple[ResaeServer, FakeEngine]) -> None:
+    server, fake = watched
+    with _client(server) as client:
+        done = client.complete(PROMPT, max_tokens=8)
+    # "guard" fires on the token at position 6 (the fourth generated: no token after it)
+    assert [(t.position, t.text) for t in done.tokens] == [(3, "w6"), (4, "w7"), (5, "w8"),
+                                                           (6, "w9")]
+    assert done.summary is not None and done.summary.finish_reason == "guardrail"
+    assert done.summary.completion_tokens == 4 and done.text == " w6 w7 w8 w9"
+    assert done.summary.guardrail == pb.FeatureEvent(position=6, layer=3, feature=7, value=6.0,
+                                                     threshold=6.0, monitor="guard")
+    assert not fake.aborted and fake.listener is server.watch_hub
+    assert _sample(server, "resae_monitor_fired_requests_total", {"monitor": "guard"}) == 1
+
+
+def test_cli_watch_tails_events(watched: tuple[ResaeServer, FakeEngine],
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from resae_serve.cli import main
+
+    server, _ = watched
+    target = f"127.0.0.1:{server.port}"
+    status: list[int] = []
+    tail = threading.Thread(target=lambda: status.append(main(
+        ["client", "watch", "--target", target, "--monitor", "late", "--count", "2"])))
+    tail.start()
+    _wait_subscribers(server, 1)
+    with _client(server) as client:
+        done = client.complete(PROMPT, max_tokens=4)
+    tail.join(10)
+    lines = capsys.readouterr().out.splitlines()
+    assert status == [0] and len(lines) == 2
+    assert lines[0].endswith(f"Z  {done.request_id}  late (record)  pos 4 'w7'  layer 1 "
+                             "feature 5: 4.00 >= 4.00")
+    # --timeout ends a quiet watch normally
+    assert main(["client", "watch", "--target", target, "--timeout", "0.3"]) == 0
+
+
+def test_a_stopping_server_ends_watch_streams_at_once(loop: _Loop, config: ServerConfig
+                                                      ) -> None:
+    async def factory(_: ServerConfig) -> tuple[FakeEngine, bool]:
+        return FakeEngine(), True
+
+    server = _start(loop, _watching(config), factory)
+    with _client(server) as client:
+        stream = client.watch_events()
+        ended: list[list[Any]] = []
+        reader = threading.Thread(target=lambda: ended.append(list(stream)))
+        reader.start()
+        _wait_subscribers(server, 1)
+        started = time.monotonic()
+        loop.run(server.stop(30))                           # a long grace: not waited for
+        reader.join(10)
+    assert ended == [[]] and time.monotonic() - started < 10
+
+
+def test_bad_monitor_config_is_refused_naming_the_monitor(loop: _Loop,
+                                                          config: ServerConfig) -> None:
+    bad = replace(config, watch=WatchSettings(monitors=(ServerMonitor("wide", 1, 40, 1.0),)))
+    with pytest.raises(ServerConfigError, match=r"watch: monitor 'wide': feature=40 .*0\.\.31"):
+        loop.run(create_server(bad, manifest=read_manifest(config.dictionary)))
+
+
+# ----------------------------------------------------------------------------- conditions
+
+def test_conditions_reach_the_engine(served: tuple[ResaeServer, FakeEngine]) -> None:
+    server, fake = served
+    gate = condition(1, 5, 2.5, sticky=True)
+    with _client(server) as client:
+        client.complete(PROMPT, max_tokens=1, interventions=[
+            clamp(3, 2, 0.0, when=gate), vector(1, [0.5] * D_MODEL, when=condition(1, 4, 1.0)),
+            add(3, 1, 1.0)])
+    (spec,) = fake.steering.values()
+    assert [e.when for e in spec.edits] == [Condition(1, 5, 2.5, sticky=True), None]
+    assert spec.vectors[0].when == Condition(1, 4, 1.0)
+
+
+@pytest.mark.parametrize(("when", "message"), [
+    (pb.Condition(layer=3, feature=5, value=1.0), "interventions[1].when.layer=3; a condition "
+     "reads a layer at or before the intervention's layer 1 (0..1)"),
+    (pb.Condition(layer=1, feature=-1, value=1.0), "interventions[1].when.feature=-1"),
+    (pb.Condition(layer=1, feature=5, value=math.inf), "interventions[1].when.value=inf"),
+    (pb.Condition(layer=0, feature=5, value=1.0), "layer=0 is not in the dictionary"),  # engine
+    (pb.Condition(layer=1, feature=32, value=1.0), "when.feature=32 at layer 1; allowed 0..31"),
+])
+def test_bad_conditions_are_invalid_argument_naming_the_field(
+        served: tuple[ResaeServer, FakeEngine], when: pb.Condition, message: str) -> None:
+    server, _ = served
+    request = generate_request(PROMPT, interventions=[
+        add(3, 1, 1.0), pb.Intervention(layer=1, feature=pb.FeatureEdit(
+            feature=2, mode=pb.EDIT_MODE_ADD, value=1.0), when=when)])
+    with _client(server) as client:
+        code, details = _code(lambda: list(client.stream(request)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details, details
+
+
+def test_conditions_round_trip_through_convert() -> None:
+    items = [SteerEdit(3, 2, "clamp", 0.0, "generation", Condition(1, 5, 2.5, True, True)),
+             SteerEdit(3, 1, "ablate", 0.0), SteerVector(1, (0.5, -1.0), "prompt",
+                                                          Condition(1, 4, -1.0))]
+    messages = convert.intervention_messages(items)
+    assert messages[0].when == pb.Condition(layer=1, feature=5, value=2.5, sticky=True,
+                                            include_out_of_distribution=True)
+    assert not messages[1].HasField("when")
+    assert convert.interventions(messages, Limits()) == items
+    options = json_format.MessageToDict(pb.ResaeOptions(interventions=messages))
+    assert options["interventions"][0]["when"]["sticky"] is True       # the HTTP API's JSON
+    assert convert.resae_options(options, Limits())[0] == items
 
 
 # ----------------------------------------------------------------------------- no vLLM
