@@ -260,10 +260,14 @@ def _fenced_blocks(language: str) -> list[str]:
 
 
 def test_deploy_doc_config_example_loads() -> None:
-    (example,) = _fenced_blocks("toml")
+    example, watch = _fenced_blocks("toml")
     config = config_from_mapping(tomllib.loads(example), "docs/DEPLOY.md")
     assert config.engine.tensor_parallel_size == 1
     assert config.tls and config.auth_token_file is not None
+    # the "Watching features in production" example: a [watch] table of the same file
+    watched = config_from_mapping({"dictionary": "d", **tomllib.loads(watch)}, "docs/DEPLOY.md")
+    assert [m.action for m in watched.watch.monitors] == ["stop", "steer", "record"]
+    assert watched.watch.interventions[0].when is not None
 
 
 def test_deploy_doc_shows_the_dockerfiles_healthcheck() -> None:
