@@ -14,6 +14,7 @@ import logging
 import tempfile
 import threading
 from collections.abc import Coroutine, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +35,9 @@ class LoopThread:
 
 @contextlib.contextmanager
 def in_process_server(streams: int, tokens: int, max_pending: int, kv_cache_gib: int, *,
-                      loop: LoopThread | None = None) -> Iterator[Any]:
-    """A started server on a loop thread of this process: ``loop``, or one of its own."""
+                      loop: LoopThread | None = None, watch: Any = None) -> Iterator[Any]:
+    """A started server on a loop thread of this process: ``loop``, or one of its own;
+    ``watch``: its :class:`~resae_serve.server.config.WatchSettings` (server-wide monitors)."""
     from benchmarks.engine import random_dictionary
     from resae_serve.fingerprint import model_fingerprint
     from resae_serve.models import resolve_model
@@ -52,6 +54,8 @@ def in_process_server(streams: int, tokens: int, max_pending: int, kv_cache_gib:
                               limits=Limits(max_tokens=max(tokens, 64), max_pending=max_pending),
                               engine=EngineSettings(max_num_seqs=streams, max_model_len=512,
                                                     kv_cache_gib=kv_cache_gib))
+        if watch is not None:
+            config = replace(config, watch=watch)
         server_loop = loop or LoopThread()
 
         async def start() -> Any:

@@ -44,12 +44,15 @@ class Round(NamedTuple):
     dropped: float
 
 
-def _policy(info: Any, threshold: float) -> Any:
-    from resae_serve.engine.guards import GuardPolicy, ServerMonitor
+def _monitors(threshold: float) -> Any:
+    """16 record monitors, 4 per dictionary layer of ``benchmarks.engine.LAYERS``."""
+    from benchmarks.engine import LAYERS
+    from resae_serve.engine.guards import ServerMonitor
+    from resae_serve.server.config import WatchSettings
 
-    monitors = tuple(ServerMonitor(f"m{i}_{j}", layer.layer, 7 + 113 * j, threshold)
-                     for i, layer in enumerate(info.layers) for j in range(4))
-    return GuardPolicy(monitors)
+    return WatchSettings(monitors=tuple(
+        ServerMonitor(f"m{i}_{j}", layer, 7 + 113 * j, threshold)
+        for i, layer in enumerate(LAYERS) for j in range(4)), subscriber_buffer=1024)
 
 
 def _conditional(info: Any, threshold: float) -> Any:
@@ -108,8 +111,9 @@ def run(args: argparse.Namespace) -> str:
 
     server_loop, client_loop = LoopThread(), LoopThread()
     runs: dict[str, list[Round]] = {cell: [] for cell in CELLS}
+    settings = _monitors(args.threshold)
     with in_process_server(args.streams, args.tokens, max(64, args.streams * 2), 2,
-                           loop=server_loop) as server:
+                           loop=server_loop, watch=settings) as server:
         target = f"127.0.0.1:{server.port}"
 
         async def dictionary() -> Any:
@@ -120,7 +124,7 @@ def run(args: argparse.Namespace) -> str:
                 await client.close()
 
         info = client_loop.run(dictionary())
-        policy = _policy(info, args.threshold)
+        policy = settings.policy()
         hub = server.watch_hub
 
         async def set_policy(p: Any) -> None:

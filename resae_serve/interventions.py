@@ -81,6 +81,32 @@ class EditTable(NamedTuple):
     """(N, E) float values."""
 
 
+class Gate(NamedTuple):
+    """A condition on an edit, in tensor form (the engine's ``Condition``): the edit applies on
+    the tokens where ``feature``'s code at ``layer`` is ``>= value``, read from the same input
+    the edits at ``layer`` read."""
+
+    layer: int
+    feature: int
+    value: float
+    sticky: bool = False
+    """Once it holds it holds on every later token (the tokens are one sequence, in order)."""
+    include_out_of_distribution: bool = False
+    """Let positions outside the training distribution satisfy it (else they never do)."""
+
+
+class GatedEdit(NamedTuple):
+    """Edits and a raw vector at ``layer`` that apply only on the tokens where ``gate`` holds
+    (``gate.layer`` at or before ``layer``)."""
+
+    gate: Gate
+    layer: int
+    table: EditTable | None = None
+    """(N, E) feature edits, or ``None``."""
+    vector: torch.Tensor | None = None
+    """(d,) added to the block output, or ``None``."""
+
+
 def edit_table(edits: Sequence[FeatureEdit], n_tokens: int, *, d_sae: int,
                device: torch.device | str = "cpu") -> EditTable:
     """The same edits on every one of ``n_tokens`` tokens, validated against ``d_sae``."""

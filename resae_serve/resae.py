@@ -21,7 +21,14 @@ from typing import Literal, cast, get_args
 import torch
 from torch import nn
 
-from resae_serve.interventions import EditTable, InterventionError, feature_delta
+from resae_serve.context import TrainingContext
+from resae_serve.interventions import (
+    EditTable,
+    Gate,
+    GatedEdit,
+    InterventionError,
+    feature_delta,
+)
 from resae_serve.saes import SAE, SparseCodes
 
 Mode = Literal["resae", "layerwise"]
@@ -189,16 +196,19 @@ class ReSAE(nn.Module):
         return feature_delta(z, sae.W_dec, self.scales[i].to(h.dtype), table)
 
     def intervention_deltas(
-        self, acts: Mapping[int, torch.Tensor], tables: Mapping[int, EditTable]
+        self, acts: Mapping[int, torch.Tensor], tables: Mapping[int, EditTable], *,
+        gated: Sequence[GatedEdit] = (), context: TrainingContext | None = None,
+        positions: Sequence[int] | torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
         """Deltas ``{layer: (N, d)}`` of one pass with edits at several layers (zeros where
-        ``tables`` has no entry), the meaning every backend shares.
+        ``tables`` and ``gated`` have no entry), the meaning every backend shares.
 
         ``acts[layer]`` is the block output each layer sees in the pass before its own edit
         (upstream edits already carried forward by the transformer). A residualized layer
         reads the previous dictionary layer as this pass's edits left it,
         ``acts[prev] + δ[prev]``; only the layer's own delta is returned (the transformer
         carries it forward; adding ``A δ`` downstream as well would count it twice).
+        ``gated``, ``context``, ``positions``: see :meth:`layer_delta`.
         """
         unknown = sorted(set(tables) - set(self.layers))
         if unknown:
@@ -210,10 +220,59 @@ class ReSAE(nn.Module):
                                     f"this dictionary needs {list(self.layers)}")
         out: dict[int, torch.Tensor] = {}
         edited: torch.Tensor | None = None
+        masks: dict[Gate, torch.Tensor] = {}
         for layer in self.layers:
             h = acts[layer]
-            table = tables.get(layer)
-            out[layer] = (self.intervention_delta(layer, h, edited, table) if table is not None
-                          else torch.zeros_like(h))
+            out[layer] = self.layer_delta(layer, h, edited, tables.get(layer), gated=gated,
+                                          masks=masks, context=context, positions=positions)
             edited = h + out[layer]
         return out
+
+    def layer_delta(
+        self, layer: int, h: torch.Tensor, h_prev: torch.Tensor | None,
+        table: EditTable | None, *, gated: Sequence[GatedEdit] = (),
+        masks: dict[Gate, torch.Tensor] | None = None, context: TrainingContext | None = None,
+        positions: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Delta ``(N, d)`` at ``layer``: ``table``'s edits on every token, plus each gated
+        edit at ``layer`` on the tokens where its gate holds.
+
+        ``h``, ``h_prev`` as in :meth:`intervention_delta`. A gate at ``layer`` reads the code
+        of that same input; its ``(N,)`` bool mask goes into ``masks``, which carries the masks
+        from layer to layer of one pass (call this layer by layer, in order, with one dict).
+        With ``context`` (and the tokens' sequence ``positions``, default ``0..N-1``) the
+        positions it calls out of distribution (:meth:`TrainingContext.reasons`, from the norm
+        of ``h``) never satisfy a gate unless ``include_out_of_distribution``. A sticky gate
+        holds from the first token where it holds on (``h`` is one sequence, in order).
+        """
+        masks = {} if masks is None else masks
+        delta = (self.intervention_delta(layer, h, h_prev, table) if table is not None
+                 else torch.zeros_like(h))
+        here = {g.gate for g in gated if g.gate.layer == layer and g.gate not in masks}
+        if here:
+            i = self.index(layer)
+            z = self.saes[i].encode(self.sae_input(i, h, h_prev))                   # (N, d_sae)
+            inside: torch.Tensor | None = None
+            if context is not None:
+                pos = (torch.arange(h.shape[0]) if positions is None
+                       else torch.as_tensor(positions)).cpu().numpy()
+                norms = torch.linalg.vector_norm(h.float(), dim=-1).cpu().numpy()
+                inside = torch.from_numpy(context.reasons(i, pos, norms) == 0).to(h.device)
+            for gate in here:
+                holds = z[:, gate.feature] >= gate.value
+                if inside is not None and not gate.include_out_of_distribution:
+                    holds = holds & inside
+                if gate.sticky:
+                    holds = holds.long().cumsum(0) > 0
+                masks[gate] = holds
+        for edit in (g for g in gated if g.layer == layer):
+            if edit.gate not in masks:
+                raise InterventionError(f"a gated edit at layer {layer} names a gate at layer "
+                                        f"{edit.gate.layer}; a gate must be at or before its "
+                                        f"edit's layer")
+            part = (self.intervention_delta(layer, h, h_prev, edit.table)
+                    if edit.table is not None else torch.zeros_like(h))
+            if edit.vector is not None:
+                part = part + edit.vector.to(h.dtype)
+            delta = delta + masks[edit.gate].unsqueeze(1).to(h.dtype) * part
+        return delta

@@ -169,12 +169,15 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         return ids
 
     async def _run(self, ids: list[int], sampling: SamplingSpec, interventions: list[Any],
-                   monitor: MonitorSpec | None) -> AsyncGenerator[GenerationChunk, None]:
+                   monitor: MonitorSpec | None, *, watched: bool = True
+                   ) -> AsyncGenerator[GenerationChunk, None]:
+        """One engine request; ``watched``: under the server-wide monitors (Generate; Inspect
+        and SearchFeatures read prompts, they generate nothing to guard)."""
         engine = self._engine()
         engine.spec(interventions, monitor)          # INVALID_ARGUMENT before any output
         request_id = f"resae-{uuid.uuid4().hex[:16]}"
         stream = engine.generate(ids, sampling, interventions=interventions, monitor=monitor,
-                                 request_id=request_id)
+                                 request_id=request_id, watched=watched)
         try:
             async for chunk in stream:
                 yield chunk
@@ -274,7 +277,7 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
         features: list[TokenFeatures] = []
         events: list[Any] = []
         async for chunk in self._run(ids, SamplingSpec(max_tokens=1, temperature=0.0),
-                                     interventions, monitor):
+                                     interventions, monitor, watched=False):
             features += [f for f in chunk.features if f.position < len(ids)]
             events += [e for e in chunk.events if e.position < len(ids)]
         return features, events

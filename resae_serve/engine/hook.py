@@ -144,9 +144,9 @@ class StepHook:
             rows = self.tables.claim(req_id, None)
         if spec is not None and spec.key:
             self._keys[req_id] = spec.key
-            if spec.monitor.layers:
+            if spec.monitor_layers:            # the caller's layers and the guards'
                 self._monitored.add(spec.key)
-                self.monitor.register(spec.key, spec.monitor)
+                self.monitor.register(spec.key, spec.monitor, spec.guards)
         return rows
 
     def before_forward(self, n_tokens: int) -> None:

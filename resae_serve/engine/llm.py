@@ -165,10 +165,13 @@ def cache_salt_for(spec: SteeringSpec | None, base: str | None = None) -> str | 
     (it shares the plain cache), the steering hash for a steered one, and a salt of its own for
     a monitored one. ``base`` (a client's own salt) is kept in front: ``"<base>|<ours>"``.
 
-    Monitored requests never read another request's cache: cached prompt positions are never
-    computed, so they would get no features (its own cache, after a preemption, still)."""
+    Monitored requests (their own monitor or the server's guards) never read another
+    request's cache: cached prompt positions are never computed, so they would get no features
+    (its own cache, after a preemption, still). Nor do requests with a sticky condition: its
+    latch is set by the positions the op computes, so a cached prompt position where the
+    condition held would never set it."""
     salt = spec.cache_salt() if spec is not None else None
-    if spec is not None and spec.monitor.layers:
+    if spec is not None and (spec.monitor_layers or any(c.sticky for c in spec.conditions)):
         salt = f"{salt or 'resae'}-monitor-{uuid.uuid4().hex}"
     if base and salt:
         return f"{base}|{salt}"

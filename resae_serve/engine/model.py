@@ -158,7 +158,8 @@ def _load_tables(vllm_config: VllmConfig) -> tuple[SteeringTables, TrainingConte
         max_rows=2 * max_configs + 1, dtype=_torch_dtype(vllm_config.model_config.dtype),
         screen=os.environ.get("RESAE_BF16_SCREEN", "1") != "0",
         device=torch.device(vllm_config.device_config.device_type),
-        graph_body=None if body is None else body == "graph"), manifest.context
+        graph_body=None if body is None else body == "graph",
+        context=manifest.context), manifest.context
 
 
 def _monitor_encoder(hf_config: Any, tables: SteeringTables) -> MonitorEncoder:

@@ -144,8 +144,10 @@ class ServingEngine(Protocol):
     def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
                  interventions: Sequence[Intervention] = (),
                  monitor: MonitorSpec | None = None,
-                 request_id: str | None = None) -> AsyncGenerator[GenerationChunk, None]:
-        """Stream one request; raises :class:`~resae_serve.errors.EngineRequestError` for
+                 request_id: str | None = None,
+                 watched: bool = True) -> AsyncGenerator[GenerationChunk, None]:
+        """Stream one request (``watched``: under the server-wide monitors and policy of
+        :meth:`set_guards`; Inspect and SearchFeatures read prompts without them); raises :class:`~resae_serve.errors.EngineRequestError` for
         values the engine refuses and :class:`~resae_serve.errors.EngineDeadError` when it
         has died."""
         ...
@@ -485,10 +487,13 @@ class ResaeEngine:
     async def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
                        interventions: Sequence[Intervention] = (),
                        monitor: MonitorSpec | None = None,
-                       request_id: str | None = None) -> AsyncGenerator[GenerationChunk, None]:
-        """Stream one request's tokens with their features and events (see module docstring)."""
+                       request_id: str | None = None,
+                       watched: bool = True) -> AsyncGenerator[GenerationChunk, None]:
+        """Stream one request's tokens with their features and events (see module docstring);
+        ``watched``: under the server's guard policy (:meth:`set_guards`)."""
         request_id = request_id or f"resae-{next(self._ids)}"
-        spec = self.spec(interventions, monitor, key=request_id)
+        spec = steering_spec(self.info, interventions, monitor, request_id,
+                             self.guards if watched else None)
         item = prompt_with(prompt, spec)
         hold = _Holdback() if any(g.action == "stop" for g in spec.guards) else None
         n_tokens, n_text = 0, 0

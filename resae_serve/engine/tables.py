@@ -2,10 +2,12 @@
 
 Per dictionary layer ``i`` (rows ``r``; row 0 = no intervention, never written)::
 
-    add_vec[i, r]        (R, d)    Σ α·σ_i·W_dec[f] over add edits + Σ raw vectors
+    add_vec[i, r]        (R, d)    Σ α·σ_i·W_dec[f] over ungated add edits + Σ raw vectors
     edit_feature[i, r, e] (R, E)   clamp / scale / ablate slots: the feature read
     edit_line[i, r, e]   (R, E, 2) the slot's change as a line in the feature's code,
                                    coef = a·z + b (:func:`~resae_serve.interventions.edit_line`)
+    edit_gate[i, r, e]   (R, E)    the slot's gate column (0: ungated, 1 + c: condition c)
+    gated_vec[i, r·C + c] (R·C, d) gated add edits and raw vectors of condition column c
     n_slots[i, r]        host int: slots in use (they read their feature's value: encode)
 
 Each step the host writes one row index per token of the flat batch (``token_rows``) and, per
@@ -18,11 +20,25 @@ with block output ``h = hidden + residual`` (vLLM defers the residual add)::
     hidden += δ                                    so the block output becomes h + δ
 
 which is :meth:`resae_serve.resae.ReSAE.intervention_delta` with the add edits folded into
-``add_vec``. The reads go through :class:`~resae_serve.engine.screen.TopKScreen` for TopK SAEs
-on CPU (bfloat16 GEMM, exact codes), else a float32 encode with packed weights
+``add_vec``. The reads go through :class:`~resae_serve.engine.screen.TopKScreen` for TopK
+SAEs on CPU (bfloat16 GEMM, exact codes), else a float32 encode with packed weights
 (:mod:`resae_serve.engine.gemm`). ``h_prev`` is the previous dictionary layer's block output
 in the same pass, after that layer's edits (what the stream actually carried), kept in the
 persistent ``h_buf``.
+
+**When gates** (:mod:`resae_serve.engine.gates`). An edit or vector with ``when`` applies on
+the tokens where its condition holds, decided in the op: at the condition's layer the tokens
+whose row has a condition there are encoded too (one encode serves the slots and the
+conditions) and their gate columns written, before that layer's edits. Then::
+
+    coef_e = gate[t, edit_gate[e]] · (a_e z[f_e] + b_e)
+    δ     += Σ_c gate[t, 1 + c] · gated_vec[i, row·C + c]
+
+A gated add needs no encode at its own layer when its condition is at an earlier one. A gate
+of 0 makes a coefficient exactly 0, so a condition that never holds leaves the request's
+outputs bitwise unsteered. Rows without conditions take exactly the ungated path (host
+flags; in the graph body the gate column 0 is exactly 1). Sticky conditions latch per
+request (a slot of its own, :attr:`RequestRows.slot`), not per row: rows are shared.
 
 Monitoring reports the codes of the edited block output ``h + δ``, encoded on the monitor's
 thread, off the decode path (:mod:`resae_serve.engine.monitor`): after the pass,
@@ -37,10 +53,12 @@ graph capture: ``benchmarks/gpu_check.py``):
 - the **graph** body (:meth:`SteeringTables._apply_graph`, the CUDA default): fixed shapes over
   the padded token count, masked arithmetic (row 0 adds nothing, empty slots move nothing),
   reading only persistent tables, so it can be captured in a CUDA graph and replayed with the
-  tables changed between replays. Two device-side flags per layer (any add row, any reading
-  row) gate its two parts: inside CUDA-graph capture they become conditional nodes (the work is
-  skipped on the device when no row is active at that layer); outside capture the host's copy
-  of the same flags decides.
+  tables changed between replays. Four device-side flags per layer (any add row, any reading
+  row, any gated-vector row, any condition) gate its parts: inside CUDA-graph capture they
+  become conditional nodes (the work is skipped on the device when no row is active at that
+  layer); outside capture the host's copy of the same flags decides. Its reads go to the
+  persistent ``z_buf`` so that the conditions (their own node) sit between the reads and the
+  slot edits.
 
 The host writes each step's per-token rows and flags into host buffers (pinned on CUDA) and
 copies them, non-blocking, into persistent device buffers before the forward pass
@@ -61,9 +79,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resae_serve.context import TrainingContext
+from resae_serve.engine.gates import GateState, RequestSlotsFullError
 from resae_serve.engine.gemm import EncoderGemm, SaeInputs
 from resae_serve.engine.screen import TopKScreen
-from resae_serve.engine.spec import MAX_EDITS_PER_LAYER, SteerEdit, SteeringSpec, SteerVector
+from resae_serve.engine.spec import (
+    MAX_CONDITIONS,
+    MAX_EDITS_PER_LAYER,
+    Condition,
+    SteerEdit,
+    SteeringSpec,
+    SteerVector,
+)
 from resae_serve.errors import ResaeError
 from resae_serve.interventions import EditOp, edit_line
 from resae_serve.resae import ReSAE
@@ -119,6 +146,8 @@ class RequestRows:
     generation: int
     monitor_layers: tuple[int, ...]
     """Dictionary positions ``i`` whose block output is captured for monitoring."""
+    slot: int = 0
+    """Latch slot of a request with sticky conditions (0: none)."""
 
 
 class _Staged:
@@ -172,11 +201,15 @@ class SteeringTables:
 
     def __init__(self, resae: ReSAE, *, max_tokens: int, max_rows: int = 65,
                  dtype: torch.dtype = torch.float32, screen: bool = True,
-                 device: torch.device | str = "cpu", graph_body: bool | None = None) -> None:
+                 device: torch.device | str = "cpu", graph_body: bool | None = None,
+                 context: TrainingContext | None = None, max_requests: int = 1024) -> None:
         """``screen``: read edited TopK features through :class:`TopKScreen` where it applies
         (CPU eager body only; same values as the float32 encode; ``RESAE_BF16_SCREEN=0`` turns
         it off in the engine). ``device``: the model's device (the dictionary moves there).
-        ``graph_body``: the fixed-shape body (default: on CUDA)."""
+        ``graph_body``: the fixed-shape body (default: on CUDA). ``context``: the dictionary's
+        training context (which positions never satisfy a ``when`` condition; default
+        :meth:`TrainingContext.unknown`). ``max_requests``: latch slots for requests with
+        sticky conditions (one is a scratch slot)."""
         self.device = torch.device(device)
         self.resae = resae.to(self.device).eval()
         self.layers = resae.layers
@@ -193,11 +226,23 @@ class SteeringTables:
         self.add_vec = table(n_layers, max_rows, d, dtype=dtype)                        # (L, R, d)
         self.edit_feature = table(n_layers, max_rows, E)                                # (L, R, E)
         self.edit_line = table(n_layers, max_rows, E, 2, dtype=torch.float32)           # a, b
+        self.edit_gate = table(n_layers, max_rows, E)        # gate column (0: ungated) (L, R, E)
+        C = MAX_CONDITIONS
+        self.gated_vec = table(n_layers, max_rows * C, d, dtype=torch.float32)      # (L, R·C, d)
         self.has_add = np.zeros((n_layers, max_rows), dtype=bool)
         self.n_slots = np.zeros((n_layers, max_rows), dtype=np.int64)
+        self.has_gated_slot = np.zeros((n_layers, max_rows), dtype=bool)
+        self.has_gated_vec = np.zeros((n_layers, max_rows), dtype=bool)
+        self.gates = GateState(n_layers, max_rows=max_rows, max_tokens=max_tokens,
+                               max_requests=max_requests,
+                               context=context or TrainingContext.unknown(), device=self.device)
+        self._gate_columns = torch.arange(C, device=self.device)
         self._token_rows = _Staged((max_tokens,), torch.long, self.device)              # (T,)
         self._encode_idx = _Staged((n_layers, max_tokens), torch.long, self.device)     # (L, T)
-        self._flags = _Staged((2, n_layers), torch.bool, self.device)   # [add, encode] (2, L)
+        self._gated_idx = _Staged((n_layers, max_tokens), torch.long, self.device)      # (L, T)
+        self._meta = _Staged((3, max_tokens), torch.long, self.device)  # GateState meta (3, T)
+        # [add, encode, gated vectors, conditions] per layer (4, L)
+        self._flags = _Staged((4, n_layers), torch.bool, self.device)
         self.token_rows = self._token_rows.device
         self._token_rows_np = self._token_rows.np
         self.encode_idx = self._encode_idx.device
@@ -207,6 +252,11 @@ class SteeringTables:
         self.n_capture = [0] * n_layers
         self.layer_add = [False] * n_layers
         self.slots_used = [0] * n_layers            # most slots of an encoded token's row
+        self.n_gated = [0] * n_layers               # tokens whose row has gated vectors at i
+        self.layer_conditions = [False] * n_layers  # some token's row has a condition at i
+        self.layer_sticky = [False] * n_layers      # ... a sticky one
+        self.layer_gated_slots = [False] * n_layers  # some encoded token has a gated slot
+        self.z_buf = table(max_tokens, E + C, dtype=torch.float32)  # graph body: read codes
         self.h_buf = table(n_layers, max_tokens, d, dtype=dtype)                       # (L, T, d)
         self._n_pass = 0                             # tokens in the pass the tables were set for
         self.active = False
@@ -226,11 +276,25 @@ class SteeringTables:
     def rows_in_use(self) -> int:
         return self.max_rows - 1 - len(self._free)
 
-    def _claim_row(self, edits: list[SteerEdit], vectors: list[SteerVector]) -> tuple[int, str]:
-        if not edits and not vectors:
+    def _claim_row(self, edits: list[SteerEdit], vectors: list[SteerVector],
+                   conditions: tuple[Condition, ...] = ()) -> tuple[int, str]:
+        """A row for one phase's edits and vectors; ``conditions`` are the request's (column
+        ``c`` is ``conditions[c]``): the row holds those its edits use and the sticky ones."""
+        whens = [e.when for e in edits] + [v.when for v in vectors]
+        used = {w for w in whens if w is not None}
+        row_conditions = tuple((c, self.layers.index(cond.layer), cond)
+                               for c, cond in enumerate(conditions)
+                               if cond in used or cond.sticky)
+        if not edits and not vectors and not row_conditions:
             return 0, ""
-        key = repr((sorted((e.layer, e.feature, e.mode, e.value) for e in edits),
-                    sorted((v.layer, v.vector) for v in vectors)))
+        columns = {cond: c for c, _, cond in row_conditions}
+
+        def column(when: Condition | None) -> int:
+            return -1 if when is None else columns[when]
+
+        key = repr((sorted((e.layer, e.feature, e.mode, e.value, column(e.when)) for e in edits),
+                    sorted((v.layer, v.vector, column(v.when)) for v in vectors),
+                    [(c, cond.to_wire()) for c, _, cond in row_conditions]))
         row = self._rows.get(key)
         if row is not None:
             row.refs += 1
@@ -238,32 +302,52 @@ class SteeringTables:
         if not self._free:
             raise TablesFullError(f"all {self.max_rows - 1} steering rows are in use")
         index = self._free.pop()
-        self._write_row(index, edits, vectors)
+        self._write_row(index, edits, vectors, columns)
+        self.gates.write_row(index, row_conditions)
         self._rows[key] = _Row(index, 1)
         return index, key
 
-    def _write_row(self, r: int, edits: list[SteerEdit], vectors: list[SteerVector]) -> None:
+    def _write_row(self, r: int, edits: list[SteerEdit], vectors: list[SteerVector],
+                   columns: dict[Condition, int]) -> None:
+        """Ungated add edits and vectors fold into ``add_vec``; gated ones into ``gated_vec``
+        (one vector per condition column); reading edits take slots with their gate column."""
+        C, E = MAX_CONDITIONS, MAX_EDITS_PER_LAYER
         for i, layer in enumerate(self.layers):
             sae, scale = self.resae.saes[i], float(self.resae.scales[i])
             # on the device; the has_add test below syncs once per new config, outside the op
             add = torch.zeros(self.resae.d_model, dtype=torch.float64, device=self.device)
+            gated = torch.zeros(C, self.resae.d_model, dtype=torch.float64, device=self.device)
             slot = 0
-            feature = torch.zeros(MAX_EDITS_PER_LAYER, dtype=torch.long)
-            line = torch.zeros(MAX_EDITS_PER_LAYER, 2)
+            feature = torch.zeros(E, dtype=torch.long)
+            line = torch.zeros(E, 2)
+            gate = torch.zeros(E, dtype=torch.long)
             for edit in (e for e in edits if e.layer == layer):
                 if edit.mode == "add":
-                    add += edit.value * scale * sae.W_dec[edit.feature].detach().double()
+                    vec = edit.value * scale * sae.W_dec[edit.feature].detach().double()
+                    if edit.when is None:
+                        add += vec
+                    else:
+                        gated[columns[edit.when]] += vec
                     continue
                 feature[slot] = edit.feature
                 line[slot] = torch.tensor(edit_line(EditOp[edit.mode.upper()], edit.value))
+                gate[slot] = 0 if edit.when is None else 1 + columns[edit.when]
                 slot += 1
-            for vec in (v for v in vectors if v.layer == layer):
-                add += torch.tensor(vec.vector, dtype=torch.float64, device=self.device)
+            for v in (v for v in vectors if v.layer == layer):
+                vec = torch.tensor(v.vector, dtype=torch.float64, device=self.device)
+                if v.when is None:
+                    add += vec
+                else:
+                    gated[columns[v.when]] += vec
             self.edit_feature[i, r] = feature.to(self.device)     # one copy per table row
             self.edit_line[i, r] = line.to(self.device)
+            self.edit_gate[i, r] = gate.to(self.device)
             self.add_vec[i, r] = add.to(self.add_vec.dtype)
+            self.gated_vec[i, r * C:(r + 1) * C] = gated.float()
             self.n_slots[i, r] = slot
             self.has_add[i, r] = bool(add.abs().sum() > 0)
+            self.has_gated_vec[i, r] = bool(gated.abs().sum() > 0)
+            self.has_gated_slot[i, r] = bool((gate > 0).any())
 
     def _release_row(self, key: str) -> None:
         row = self._rows.get(key)
@@ -272,40 +356,59 @@ class SteeringTables:
         row.refs -= 1
         if row.refs == 0:
             del self._rows[key]
-            self.add_vec[:, row.index].zero_()
-            self.edit_line[:, row.index].zero_()
-            self.has_add[:, row.index] = False
-            self.n_slots[:, row.index] = 0
-            self._free.append(row.index)
+            r, C = row.index, MAX_CONDITIONS
+            self.add_vec[:, r].zero_()
+            self.edit_line[:, r].zero_()
+            self.edit_gate[:, r].zero_()
+            self.gated_vec[:, r * C:(r + 1) * C].zero_()
+            self.has_add[:, r] = self.has_gated_vec[:, r] = self.has_gated_slot[:, r] = False
+            self.n_slots[:, r] = 0
+            self.gates.clear_row(r)
+            self._free.append(r)
 
     def claim(self, req_id: str, spec: SteeringSpec | None) -> RequestRows:
-        """Rows for a request (shared with identical configs); idempotent per ``req_id``."""
+        """Rows for a request (shared with identical configs) and, when it has sticky
+        conditions, a latch slot of its own; idempotent per ``req_id``."""
         known = self._requests.get(req_id)
         if known is not None:
             return known[0]
         if spec is None:
             rows, keys = RequestRows(0, 0, ()), ("", "")
         else:
+            conditions = spec.conditions
+
             def phase(p: str) -> tuple[int, str]:
                 return self._claim_row([e for e in spec.edits if e.phase in (p, "all")],
-                                       [v for v in spec.vectors if v.phase in (p, "all")])
+                                       [v for v in spec.vectors if v.phase in (p, "all")],
+                                       conditions)
             (prompt, k1) = phase("prompt")
+            k2 = ""
             try:
                 (generation, k2) = phase("generation")
+                slot = 0
+                if any(c.sticky for c in conditions):
+                    try:
+                        slot = self.gates.claim_slot()
+                    except RequestSlotsFullError as err:
+                        raise TablesFullError(str(err)) from None
             except TablesFullError:
                 self._release_row(k1)
+                self._release_row(k2)
                 raise
-            monitor = {self.layers.index(layer) for layer in spec.monitor.layers}
-            rows, keys = RequestRows(prompt, generation, tuple(sorted(monitor))), (k1, k2)
+            monitor = {self.layers.index(layer) for layer in spec.monitor_layers}
+            rows = RequestRows(prompt, generation, tuple(sorted(monitor)), slot)
+            keys = (k1, k2)
         self._requests[req_id] = (rows, keys)
         return rows
 
     def release(self, req_id: str) -> None:
-        """Give back a finished or aborted request's rows (zeroed in place when unused)."""
+        """Give back a finished or aborted request's rows (zeroed in place when unused) and
+        latch slot."""
         known = self._requests.pop(req_id, None)
         if known is not None:
             for key in known[1]:
                 self._release_row(key)
+            self.gates.release_slot(known[0].slot)
 
     def rows_of(self, req_id: str) -> RequestRows | None:
         """Rows of a request already claimed (``None`` when new)."""
@@ -343,12 +446,15 @@ class SteeringTables:
                               gen_rows[tok_req])
         self._token_rows_np[:total] = token_rows
         self._token_rows_np[total:n_tokens] = 0
+        gated = bool(self.gates.rows) and bool(self.gates.row_has[token_rows].any())
         flags = self._flags.np
         for i in range(len(self.layers)):
             slots = self.n_slots[i][token_rows]                                    # (total,)
             wanted = np.array([i in r.monitor_layers for r in rows], dtype=bool)
             monitored = wanted[tok_req] if wanted.any() else np.zeros(total, dtype=bool)
-            enc = np.flatnonzero(slots)
+            self._prepare_gates(i, token_rows if gated else None)
+            enc = (np.flatnonzero((slots > 0) | self.gates.cond_at[i][token_rows]) if gated
+                   else np.flatnonzero(slots))
             cap = np.flatnonzero(monitored)
             self.n_encode[i], self.n_capture[i] = len(enc), len(cap)
             self._encode_idx.np[i, : len(enc)] = enc
@@ -356,9 +462,28 @@ class SteeringTables:
             self.layer_add[i] = bool(self.has_add[i][token_rows].any())
             self.slots_used[i] = int(slots.max()) if len(enc) else 0
             flags[0, i], flags[1, i] = self.layer_add[i], len(enc) > 0
+            flags[2, i], flags[3, i] = self.n_gated[i] > 0, self.layer_conditions[i]
+        if gated:
+            GateState.fill_meta(self._meta.np, total, n_tokens,
+                                np.array([r.slot for r in rows], dtype=np.int64), counts,
+                                positions)
         self._n_pass = n_tokens
         self.active = True
-        self._upload(n_tokens, encode=not self.graph_body)
+        self._upload(n_tokens, encode=not self.graph_body, gated=gated)
+
+    def _prepare_gates(self, i: int, token_rows: np.ndarray | None) -> None:
+        """Layer ``i``'s gate flags and gated-vector token list for one pass (``None``: no
+        token's row has a condition)."""
+        if token_rows is None:
+            self.layer_conditions[i] = self.layer_sticky[i] = False
+            self.layer_gated_slots[i], self.n_gated[i] = False, 0
+            return
+        self.layer_conditions[i] = bool(self.gates.cond_at[i][token_rows].any())
+        self.layer_sticky[i] = bool(self.gates.sticky_at[i][token_rows].any())
+        self.layer_gated_slots[i] = bool(self.has_gated_slot[i][token_rows].any())
+        gv = np.flatnonzero(self.has_gated_vec[i][token_rows])
+        self.n_gated[i] = len(gv)
+        self._gated_idx.np[i, : len(gv)] = gv
 
     def take_captures(self) -> dict[int, tuple[np.ndarray, LayerCapture]]:
         """This pass's captures by dictionary position, with their flat token indices: the
@@ -388,20 +513,28 @@ class SteeringTables:
         return event
 
     def deactivate(self) -> None:
-        """No intervention and no capture in the next pass (device flags cleared too)."""
+        """No intervention and no capture in the next pass (device flags cleared, and the
+        token rows too: a graph replayed without conditional nodes runs its masked work)."""
         self.active = False
+        self.layer_conditions = [False] * len(self.layers)
+        self.n_gated = [0] * len(self.layers)
         if self._flags.np.any():
             self._wait_for_upload()
             self._flags.np[:] = False
-            self._upload(0, encode=False)
+            self._token_rows_np[:] = 0
+            self._upload(self.max_tokens, encode=False)
 
-    def _upload(self, n_tokens: int, *, encode: bool) -> None:
+    def _upload(self, n_tokens: int, *, encode: bool, gated: bool = False) -> None:
         self._token_rows.upload(n_tokens)
         self._flags.upload()
         if any(self.n_capture):
             self._capture_idx.upload(n_tokens)
         if encode:
             self._encode_idx.upload(n_tokens)
+            if gated:
+                self._gated_idx.upload(n_tokens)
+        if gated:
+            self._meta.upload(n_tokens)
         if self.device.type == "cuda":
             self._uploaded = torch.cuda.Event()
             self._uploaded.record()
@@ -446,11 +579,15 @@ class SteeringTables:
         if delta is not None:
             hidden.add_(delta)
             h.add_(delta)
+        if self.n_gated[i]:
+            m = self.n_gated[i]
+            self._add_gated(i, hidden, h, None if m == n else self._gated_idx.device[i, :m])
 
     def _encode(self, i: int, hidden: torch.Tensor, h: torch.Tensor, delta: torch.Tensor | None
                 ) -> torch.Tensor | None:
-        """Encode the tokens whose slots read a feature; their deltas are added to ``delta``
-        (returned), or to ``hidden`` and ``h`` directly when only some tokens are encoded."""
+        """Encode the tokens whose slots read a feature or whose conditions are at this layer;
+        conditions write their gates, slot deltas are added to ``delta`` (returned), or to
+        ``hidden`` and ``h`` directly when only some tokens are encoded."""
         n, ne = hidden.shape[0], self.n_encode[i]
         whole = ne == n                        # decode steps: every token, no gather/scatter
         idx = self.encode_idx[i, :ne]                                              # (ne,)
@@ -459,14 +596,27 @@ class SteeringTables:
             h_prev = None if h_prev is None else h_prev.index_select(0, idx)
         rows = self.token_rows[:n] if whole else self.token_rows.index_select(0, idx)
         sae = self.resae.saes[i]
-        u = self._inputs(i, h if whole else h.index_select(0, idx), h_prev)
+        h_in = h if whole else h.index_select(0, idx)
+        u = self._inputs(i, h_in, h_prev)
         used = self.slots_used[i]                 # slots past it are empty in every row
         feature = self.edit_feature[i, :, :used].index_select(0, rows)             # (ne, s)
+        conditions = self.layer_conditions[i]
+        read = (torch.cat([feature, self.gates.cond_feature.index_select(0, rows)], 1)
+                if conditions else feature)                                        # (ne, s[+C])
         screen, gemm = self.screens[i], self._gemm[i]
-        z_at = (screen.codes_at(u, feature) if screen is not None
-                else codes_at(activate(sae, gemm(u.to(gemm.dtype))), feature))    # (ne, s)
+        z_at = (screen.codes_at(u, read) if screen is not None
+                else codes_at(activate(sae, gemm(u.to(gemm.dtype))), read))       # (ne, s[+C])
+        if conditions:
+            self.gates.evaluate(i, h_in, z_at[:, used:], rows, self._meta.device,
+                                None if whole else idx, n, sticky=self.layer_sticky[i])
+            z_at = z_at[:, :used]
+        if not used:
+            return delta
         line = self.edit_line[i, :, :used].index_select(0, rows)                  # (ne, s, 2)
         coef = torch.addcmul(line[..., 1], line[..., 0], z_at)
+        if self.layer_gated_slots[i]:
+            gate = self.gates.gate[:n] if whole else self.gates.gate.index_select(0, idx)
+            coef = coef * gate.gather(1, self.edit_gate[i, :, :used].index_select(0, rows))
         delta_enc = (self.resae.scales[i] * torch.einsum(
             "ne,ned->nd", coef, sae.W_dec[feature])).to(hidden.dtype)
         if whole:
@@ -476,6 +626,23 @@ class SteeringTables:
             h.index_add_(0, idx, delta_enc)
         return delta
 
+    def _add_gated(self, i: int, hidden: torch.Tensor, h: torch.Tensor,
+                   idx: torch.Tensor | None) -> None:
+        """Add ``Σ_c gate[t, 1 + c] · gated_vec[i, row, c]`` to the tokens ``idx`` (every
+        token when ``None``); a gate of 0 adds exactly 0."""
+        n = hidden.shape[0]
+        rows = self.token_rows[:n] if idx is None else self.token_rows.index_select(0, idx)
+        gate = self.gates.gate[:n] if idx is None else self.gates.gate.index_select(0, idx)
+        bag = rows.unsqueeze(1) * MAX_CONDITIONS + self._gate_columns               # (m, C)
+        delta = F.embedding_bag(bag, self.gated_vec[i], per_sample_weights=gate[:, 1:],
+                                mode="sum").to(hidden.dtype)                        # (m, d)
+        if idx is None:
+            hidden.add_(delta)
+            h.add_(delta)
+        else:
+            hidden.index_add_(0, idx, delta)
+            h.index_add_(0, idx, delta)
+
     # -- the graph body: fixed shapes, persistent tables, device-side flags (CUDA default)
 
     def _apply_graph(self, i: int, hidden: torch.Tensor, residual: torch.Tensor | None) -> None:
@@ -483,15 +650,22 @@ class SteeringTables:
         if not (capturing or self.active) and self.skip_inactive:
             return
         h = self._block_output(i, hidden, residual)
-        # The encode reads the clean block output, so it goes first (the add commutes).
-        self._gated(1, i, capturing, lambda: self._encode_all(i, hidden, h))
+        # The reads and conditions see the clean block output, so they go first (the adds
+        # commute); gated vectors go last, after this layer's conditions.
+        self._gated(1, i, capturing, lambda: self._read_all(i, h))
+        self._gated(3, i, capturing, lambda: self._conditions_all(i, h))
+        self._gated(1, i, capturing, lambda: self._move_all(i, hidden, h))
         self._gated(0, i, capturing, lambda: self._add_rows(i, hidden, h))
+        self._gated(2, i, capturing, lambda: self._add_gated(i, hidden, h, None))
 
     def _gated(self, kind: int, i: int, capturing: bool, body: Callable[[], None]) -> None:
-        """Run ``body`` when flag ``kind`` (0 add, 1 encode) of layer ``i`` is set: on the
-        device inside CUDA-graph capture (a conditional node), else by the host's copy."""
+        """Run ``body`` when flag ``kind`` (0 add, 1 encode, 2 gated vectors, 3 conditions) of
+        layer ``i`` is set: on the device inside CUDA-graph capture (a conditional node), else
+        by the host's copy."""
         if not capturing:
-            if not self.skip_inactive or (self.layer_add[i] if kind == 0 else self.n_encode[i]):
+            host = (self.layer_add[i], self.n_encode[i], self.n_gated[i],
+                    self.layer_conditions[i])[kind]
+            if not self.skip_inactive or host:
                 body()
             return
         graph = _capturing_graph()
@@ -509,17 +683,34 @@ class SteeringTables:
         hidden.add_(delta)
         h.add_(delta)
 
-    def _encode_all(self, i: int, hidden: torch.Tensor, h: torch.Tensor) -> None:
-        """Every token's slots read against its own codes; empty slots and row 0 have the
-        line ``(0, 0)``, a zero coefficient, so unsteered tokens move by exactly 0."""
-        n = hidden.shape[0]
+    def _read_all(self, i: int, h: torch.Tensor) -> None:
+        """Every token's codes at its slots' features and its conditions' features, into
+        ``z_buf`` (n, E + C)."""
+        n = h.shape[0]
         rows = self.token_rows[:n]
         sae, gemm = self.resae.saes[i], self._gemm[i]
         u = self._inputs(i, h, self.h_buf[i - 1, :n] if i else None)
+        read = torch.cat([self.edit_feature[i].index_select(0, rows),
+                          self.gates.cond_feature.index_select(0, rows)], 1)       # (n, E + C)
+        self.z_buf[:n].copy_(codes_at(activate(sae, gemm(u.to(gemm.dtype))), read))
+
+    def _conditions_all(self, i: int, h: torch.Tensor) -> None:
+        n = h.shape[0]
+        self.gates.evaluate(i, h, self.z_buf[:n, MAX_EDITS_PER_LAYER:], self.token_rows[:n],
+                            self._meta.device, None, n, sticky=True)
+
+    def _move_all(self, i: int, hidden: torch.Tensor, h: torch.Tensor) -> None:
+        """Every token's slots applied with their gates; empty slots and row 0 have the line
+        ``(0, 0)``, a zero coefficient, and ungated slots the gate column 0 (exactly 1), so
+        unsteered tokens move by exactly 0."""
+        n = hidden.shape[0]
+        rows = self.token_rows[:n]
+        sae = self.resae.saes[i]
         feature = self.edit_feature[i].index_select(0, rows)                       # (n, E)
-        z_at = codes_at(activate(sae, gemm(u.to(gemm.dtype))), feature)           # (n, E)
+        z_at = self.z_buf[:n, :MAX_EDITS_PER_LAYER]                                # (n, E)
         line = self.edit_line[i].index_select(0, rows)                            # (n, E, 2)
-        coef = torch.addcmul(line[..., 1], line[..., 0], z_at)
+        gate = self.gates.gate[:n].gather(1, self.edit_gate[i].index_select(0, rows))
+        coef = torch.addcmul(line[..., 1], line[..., 0], z_at).mul_(gate)
         # Σ_e coef[n, e] · W_dec[feature[n, e]] without an (n, E, d) gather
         moved = F.embedding_bag(feature, sae.W_dec, per_sample_weights=coef.to(sae.W_dec.dtype),
                                 mode="sum")                                         # (n, d)

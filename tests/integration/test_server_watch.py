@@ -41,7 +41,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a small village,",
 MAX_TOKENS = 12
 REC_LAYER, STOP_LAYER = 12, 18
 WATCHED = tuple(range(64))
-STEER = SteerEdit(28, 5, "add", 6.0)
+STEER = SteerEdit(28, 7, "add", 200.0)
 
 
 @dataclass
@@ -241,7 +241,7 @@ def test_steer_monitor_equals_the_sticky_conditional_edit_of_a_request(
     nudging = loop.start(base_config(server.config.dictionary, watch=settings))
     try:
         with ResaeClient(f"127.0.0.1:{nudging.port}", timeout=300) as client:
-            for prompt, want, r in zip(PROMPTS, choice.steered, choice.readings, strict=True):
+            for prompt, want in zip(PROMPTS, choice.steered, strict=True):
                 done = client.complete(prompt, temperature=0.0, max_tokens=MAX_TOKENS)
                 assert [t.id for t in done.tokens] == want
             # the edit changed at least one completion (the condition held somewhere)

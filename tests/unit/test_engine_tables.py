@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
+from resae_serve.context import TrainingContext
+from resae_serve.engine.gates import NEVER
+from resae_serve.engine.spec import (
+    Condition,
+    MonitorSpec,
+    SteerEdit,
+    SteeringSpec,
+    SteerVector,
+)
 from resae_serve.engine.tables import SteeringTables, TablesFullError
 from resae_serve.export.convert import export_resae
 from resae_serve.export.graphs import graph_module, nest_inputs
 from resae_serve.export.spec import ExportConfig
-from resae_serve.interventions import InterventionError, edit_table
+from resae_serve.interventions import EditTable, Gate, GatedEdit, InterventionError, edit_table
+from resae_serve.resae import ReSAE
 from tests.unit.resae_fixtures import D_MODEL, D_SAE, LAYERS, tiny_acts, tiny_resae
 
 ATOL = 1e-5  # float32, same ops in a different order
@@ -252,3 +262,253 @@ def test_engine_op_matches_exported_intervention_graph(tmp_path: Path, architect
         clean = resae.intervention_delta(LAYERS[1], acts[LAYERS[1]], acts[LAYERS[0]],
                                          edit_tables[LAYERS[1]])
     assert float((clean - engine[LAYERS[1]]).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------- when gates (conditions)
+
+
+def _gate(c: Condition) -> Gate:
+    return Gate(c.layer, c.feature, c.value, c.sticky, c.include_out_of_distribution)
+
+
+def _oracle(resae: ReSAE, spec: SteeringSpec, acts: dict[int, torch.Tensor],
+            positions: list[int], num_prompt: int, context: TrainingContext
+            ) -> dict[int, torch.Tensor]:
+    """Edited block outputs of one request's tokens (one sequence, in order) by
+    ``ReSAE.intervention_deltas`` with gates; phases by zeroed table ops. Ungated vectors are
+    gated by a gate that always holds."""
+    n = len(positions)
+    prompt = torch.tensor(positions) < num_prompt
+
+    def table(edits: list[SteerEdit]) -> EditTable:
+        t = edit_table([e.feature_edit() for e in edits], n, d_sae=D_SAE)
+        for slot, e in enumerate(edits):
+            if e.phase != "all":
+                t.op[prompt if e.phase == "generation" else ~prompt, slot] = 0
+        return t
+
+    def phase_mask(phase: str) -> torch.Tensor:
+        return {"all": torch.ones(n, dtype=torch.bool), "prompt": prompt,
+                "generation": ~prompt}[phase]
+
+    always = Gate(LAYERS[0], 0, -1e30, False, True)
+    tables = {L: table([e for e in spec.edits if e.layer == L and e.when is None])
+              for L in LAYERS}
+    gated = [GatedEdit(_gate(e.when), e.layer, table([e])) for e in spec.edits if e.when]
+    gated += [GatedEdit(always if v.when is None else _gate(v.when), v.layer, None,
+                        phase_mask(v.phase)[:, None] * torch.tensor(v.vector))
+              for v in spec.vectors]
+    with torch.no_grad():
+        deltas = resae.intervention_deltas(acts, tables, gated=gated, context=context,
+                                           positions=positions)
+    return {L: acts[L] + deltas[L] for L in LAYERS}
+
+
+def _codes(resae: ReSAE, acts: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Dense codes of unedited inputs (what an edit-free pass reads at each layer)."""
+    with torch.no_grad():
+        return resae.encode_dense(acts)
+
+
+def _splitting(z: torch.Tensor, avoid_first: bool = True) -> tuple[int, float]:
+    """A feature and value whose condition holds on some tokens and not on others (and not
+    only on token 0); the value lies halfway between codes, away from rounding."""
+    start = 1 if avoid_first else 0
+    for f in (z[start:] > 0).sum(0).argsort(descending=True).tolist():
+        col = z[start:, f]
+        if 0 < int((col > 0).sum()) < len(col):
+            return f, 0.5 * float(col[col > 0].min())
+    raise AssertionError("no feature fires on some tokens only")
+
+
+def _run(tables: SteeringTables, names: list[str], specs: list[SteeringSpec | None],
+         acts: dict[int, torch.Tensor], counts: list[int], starts: list[int],
+         num_prompt: list[int]) -> dict[int, torch.Tensor]:
+    rows = [tables.claim(name, spec) for name, spec in zip(names, specs, strict=True)]
+    tables.prepare_step(sum(counts), rows, np.array(counts), np.array(starts),
+                        np.array(num_prompt))
+    return _run_layers(tables, acts)[1]
+
+
+BODIES = pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+
+
+def _slice(acts: dict[int, torch.Tensor], span: slice) -> dict[int, torch.Tensor]:
+    return {L: a[span] for L, a in acts.items()}
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+@pytest.mark.parametrize("mode", ["resae", "layerwise"])
+def test_gated_edits_match_oracle_in_both_bodies(mode: str, architecture: str) -> None:
+    """Gated clamp / add / vector with conditions at the same and an earlier layer, beside an
+    unsteered request and padding: eager == graph == oracle; unsteered tokens exact."""
+    resae = tiny_resae(mode, architecture)  # type: ignore[arg-type]
+    acts = tiny_acts(17, seed=5)               # 3 plain + 7 + 5 steered + 2 padding
+    z = _codes(resae, acts)
+    f0, v0 = _splitting(z[LAYERS[0]][3:10])
+    early = Condition(LAYERS[0], f0, v0)
+    vector = tuple(float(x) for x in torch.linspace(-1, 1, D_MODEL))
+    spec_a = SteeringSpec(
+        edits=(SteerEdit(LAYERS[1], 5, "clamp", 1.5, when=early),
+               SteerEdit(LAYERS[1], 2, "add", 3.0, when=early),
+               SteerEdit(LAYERS[1], 7, "scale", 2.0),
+               SteerEdit(LAYERS[0], 3, "add", 2.0, when=early)),      # same-layer gated add
+        vectors=(SteerVector(LAYERS[0], vector, when=early),))
+    # same-layer condition at layer 1, on codes that layer 0's edits do not touch here
+    f1, v1 = _splitting(z[LAYERS[1]][10:15])
+    late = Condition(LAYERS[1], f1, v1, include_out_of_distribution=True)
+    spec_b = SteeringSpec(edits=(SteerEdit(LAYERS[1], f1, "ablate", when=late),
+                                 SteerEdit(LAYERS[1], 9, "add", -2.0, "generation", when=late)))
+    counts, starts, prompts = [3, 7, 5], [0, 0, 4], [3, 7, 6]
+    outs, cleans = {}, {}
+    for graph in (False, True):
+        tables = SteeringTables(resae, max_tokens=24, max_rows=9, graph_body=graph,
+                                screen=False)
+        rows = [tables.claim(f"r{j}", s) for j, s in enumerate([None, spec_a, spec_b])]
+        tables.prepare_step(17, rows, np.array(counts), np.array(starts), np.array(prompts))
+        cleans[graph], outs[graph] = _run_layers(tables, acts)
+    for layer in LAYERS:
+        torch.testing.assert_close(outs[True][layer], outs[False][layer], atol=ATOL, rtol=0)
+        for got, clean in zip(outs.values(), cleans.values(), strict=True):
+            assert torch.equal(got[layer][:3], clean[layer][:3])
+            assert torch.equal(got[layer][15:], clean[layer][15:])
+    ctx = TrainingContext.unknown()
+    want_a = _oracle(resae, spec_a, _slice(acts, slice(3, 10)), list(range(7)), 7, ctx)
+    want_b = _oracle(resae, spec_b, _slice(acts, slice(10, 15)), list(range(4, 9)), 6, ctx)
+    for layer in LAYERS:
+        torch.testing.assert_close(outs[False][layer][3:10], want_a[layer], atol=ATOL, rtol=0)
+        torch.testing.assert_close(outs[False][layer][10:15], want_b[layer], atol=ATOL, rtol=0)
+    # the gates did something on some tokens and nothing on others
+    ungated = _oracle(resae, SteeringSpec(edits=(SteerEdit(LAYERS[1], 7, "scale", 2.0),)),
+                      _slice(acts, slice(3, 10)), list(range(7)), 7, ctx)
+    moved = (want_a[LAYERS[1]] - ungated[LAYERS[1]]).abs().sum(1) > 1e-4
+    assert 0 < int(moved.sum()) < 7
+
+
+@BODIES
+def test_sticky_condition_latches_within_and_across_passes(graph: bool) -> None:
+    """A sticky condition at layer 0 that holds once, on a prompt token, gates a generation
+    edit at layer 1 on every later token: later tokens of the same pass, and the next pass.
+    Without ``sticky`` the edit would apply nowhere after it."""
+    resae = tiny_resae("resae")
+    n = 10
+    acts = tiny_acts(n, seed=8)
+    z0 = _codes(resae, acts)[LAYERS[0]]
+    # a feature whose largest code is on prompt token 1..3 and which is below it on the rest
+    feature = next(f for f in z0[1:4].max(0).values.argsort(descending=True).tolist()
+                   if int(z0[:, f].argmax()) in (1, 2, 3)
+                   and z0[:, f].topk(2).values.diff().abs() > 1e-2)
+    t_hold = int(z0[:, feature].argmax())
+    top2 = z0[:, feature].topk(2).values
+    cond = Condition(LAYERS[0], feature, float(top2.mean()), sticky=True)
+    spec = SteeringSpec(edits=(SteerEdit(LAYERS[1], 4, "add", 3.0, when=cond),
+                               SteerEdit(LAYERS[1], 6, "clamp", 1.0, "generation", when=cond)))
+    # the bfloat16 screen reads the codes on CPU (eager); an unsteered request comes first,
+    # so the eager body encodes a subset of the pass
+    tables = SteeringTables(resae, max_tokens=16, max_rows=5, graph_body=graph)
+    other = tiny_acts(2, seed=1)
+    # pass 1: positions 0..5 (prompt of 5 + first generated), pass 2: positions 6..9
+    first = _run(tables, ["p", "r"], [None, spec],
+                 {L: torch.cat([other[L], acts[L][:6]]) for L in LAYERS}, [2, 6], [7, 0], [3, 5])
+    second = _run(tables, ["p", "r"], [None, spec],
+                  {L: torch.cat([other[L], acts[L][6:]]) for L in LAYERS}, [2, 4], [9, 6], [3, 5])
+    got = {L: torch.cat([first[L][2:], second[L][2:]]) for L in LAYERS}
+    want = _oracle(resae, spec, acts, list(range(n)), 5, TrainingContext.unknown())
+    for L in LAYERS:
+        torch.testing.assert_close(got[L], want[L], atol=ATOL, rtol=0)
+    moved = (got[LAYERS[1]] - acts[LAYERS[1]]).abs().sum(1) > 1e-4
+    assert moved.tolist() == [t >= t_hold for t in range(n)]
+
+
+@BODIES
+def test_requests_sharing_a_row_keep_separate_latches(graph: bool) -> None:
+    resae = tiny_resae("layerwise")
+    acts = tiny_acts(8, seed=2)
+    z0 = _codes(resae, acts)[LAYERS[0]]
+    # a feature that fires on a token of request a (tokens 1..3) and never in request b
+    feature = next(f for f in range(D_SAE) if z0[4:, f].max() == 0
+                   and z0[1:4, f].topk(2).values.diff().abs() > 1e-2)
+    top2 = z0[1:4, feature].topk(2).values
+    cond = Condition(LAYERS[0], feature, float(top2.mean()), sticky=True)
+    spec = SteeringSpec(edits=(SteerEdit(LAYERS[1], 4, "add", 3.0, when=cond),))
+    tables = SteeringTables(resae, max_tokens=16, max_rows=5, graph_body=graph, screen=False)
+    a, b = tables.claim("a", spec), tables.claim("b", spec)
+    assert a.prompt == b.prompt and a.slot != b.slot and 0 not in (a.slot, b.slot)
+    first = _run(tables, ["a", "b"], [spec, spec], _slice(acts, slice(0, 8)), [4, 4], [0, 0],
+                 [4, 4])
+    step = tiny_acts(2, seed=9)                # one decode token each
+    second = _run(tables, ["a", "b"], [spec, spec], step, [1, 1], [4, 4], [4, 4])
+    moved = ((first[LAYERS[1]] - acts[LAYERS[1]]).abs().sum(1) > 1e-4).tolist()
+    t_hold = 1 + int(z0[1:4, feature].argmax())
+    assert moved == [t >= t_hold for t in range(4)] + [False] * 4
+    moved2 = ((second[LAYERS[1]] - step[LAYERS[1]]).abs().sum(1) > 1e-4).tolist()
+    z_step = _codes(resae, step)[LAYERS[0]][1, feature]
+    assert moved2 == [True, bool(z_step >= cond.value)]
+    # a fresh request on the same row starts with a clear latch
+    tables.release("a")
+    c = tables.claim("c", spec)
+    assert c.prompt == b.prompt and int(tables.gates.latch[c.slot].min()) == NEVER
+
+
+@BODIES
+def test_out_of_distribution_positions_never_satisfy_unless_asked(graph: bool) -> None:
+    """Position 0 (training skipped it) and a norm outlier at the condition layer: no gate
+    there by default; with ``include_out_of_distribution`` they count like any token."""
+    resae = tiny_resae("layerwise")
+    acts = tiny_acts(6, seed=6)
+    for L in LAYERS:
+        acts[L][3] *= 20.0                      # token 3: a norm outlier
+    norms = [float(acts[L].norm(dim=1).median()) for L in LAYERS]
+    ctx = TrainingContext(True, True, 4.0, tuple(norms))
+    assert ctx.reasons(0, list(range(6)), acts[LAYERS[0]].norm(dim=1).tolist()).tolist() == [
+        1, 0, 0, 2, 0, 0]
+    results = {}
+    for ood in (False, True):
+        cond = Condition(LAYERS[0], 0, 0.0, include_out_of_distribution=ood)  # holds if in
+        spec = SteeringSpec(edits=(SteerEdit(LAYERS[1], 4, "add", 3.0, when=cond),))
+        tables = SteeringTables(resae, max_tokens=8, max_rows=3, graph_body=graph,
+                                screen=False, context=ctx)
+        got = _run(tables, ["r"], [spec], acts, [6], [0], [6])
+        want = _oracle(resae, spec, acts, list(range(6)), 6, ctx)
+        torch.testing.assert_close(got[LAYERS[1]], want[LAYERS[1]], atol=ATOL, rtol=0)
+        results[ood] = ((got[LAYERS[1]] - acts[LAYERS[1]]).abs().sum(1) > 1e-4).tolist()
+    assert results[False] == [False, True, True, False, True, True]
+    assert results[True] == [True] * 6
+
+
+@BODIES
+def test_condition_that_never_holds_is_bitwise_unsteered(graph: bool) -> None:
+    resae = tiny_resae("resae")
+    acts = tiny_acts(7, seed=12)
+    never = Condition(LAYERS[0], 1, 1e9, sticky=True, include_out_of_distribution=True)
+    vector = tuple(float(x) for x in torch.linspace(-1, 1, D_MODEL))
+    spec = SteeringSpec(edits=(SteerEdit(LAYERS[1], 4, "add", 3.0, when=never),
+                               SteerEdit(LAYERS[0], 6, "clamp", 2.0, when=never),
+                               SteerEdit(LAYERS[1], 9, "ablate", when=never)),
+                        vectors=(SteerVector(LAYERS[1], vector, when=never),))
+    outs = []
+    for s in (None, spec):
+        tables = SteeringTables(resae, max_tokens=8, max_rows=3, graph_body=graph,
+                                screen=False)
+        tables.skip_inactive = False
+        torch.manual_seed(0)                   # the same hidden / residual split
+        outs.append(_run(tables, ["r"], [s], {L: a.clone() for L, a in acts.items()}, [7],
+                         [0], [7]))
+    for L in LAYERS:
+        assert torch.equal(outs[0][L], outs[1][L])
+
+
+def test_rows_differ_by_condition() -> None:
+    tables = SteeringTables(tiny_resae(), max_tokens=8, max_rows=5)
+    edit = SteerEdit(LAYERS[1], 1, "add", 1.0)
+    plain = tables.claim("a", SteeringSpec(edits=(edit,)))
+    gated = tables.claim("b", SteeringSpec(edits=(replace(edit, when=Condition(
+        LAYERS[0], 2, 0.5)),)))
+    other = tables.claim("c", SteeringSpec(edits=(replace(edit, when=Condition(
+        LAYERS[0], 2, 0.5, sticky=True)),)))
+    assert len({plain.prompt, gated.prompt, other.prompt}) == 3
+    assert plain.slot == gated.slot == 0 and other.slot != 0
+    for name in "abc":
+        tables.release(name)
+    assert tables.rows_in_use == 0 and not tables.gates.rows
+    assert tables.gated_vec.abs().sum() == 0

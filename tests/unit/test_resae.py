@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from resae_serve.context import TrainingContext
 from resae_serve.interventions import (
     EditOp,
     EditTable,
     FeatureEdit,
+    Gate,
+    GatedEdit,
     InterventionError,
     edit_coefficients,
     edit_line,
@@ -159,3 +162,41 @@ def test_edit_line_equals_edit_coefficients() -> None:
         want = edit_coefficients(z, torch.full_like(z, int(op), dtype=torch.long),
                                  torch.full_like(z, value))
         assert torch.equal(a * z + b, want), op
+
+
+@pytest.mark.parametrize("mode", ["resae", "layerwise"])
+def test_gated_edits_apply_where_their_gate_holds(mode: str) -> None:
+    """A gated edit is the ungated one masked by ``z[feature] >= value`` of the input its
+    gate layer reads (the edited previous layer included); sticky gates latch on."""
+    resae = tiny_resae(mode)  # type: ignore[arg-type]
+    acts = tiny_acts(12, seed=3)
+    n = 12
+    t0 = edit_table([FeatureEdit(1, 3, "add", 4.0)], n, d_sae=D_SAE)
+    d0 = resae.intervention_delta(1, acts[1], None, t0)
+    with torch.no_grad():
+        z1 = resae.saes[1].encode(resae.sae_input(1, acts[3], acts[1] + d0))
+    feature = int((z1 > 0).sum(0).argmax())            # the feature firing on most tokens
+    value = float(z1[:, feature][z1[:, feature] > 0].median())
+    holds = z1[:, feature] >= value
+    assert 0 < int(holds.sum()) < n
+    clamp = edit_table([FeatureEdit(3, 5, "clamp", 2.0)], n, d_sae=D_SAE)
+    vector = torch.linspace(-1, 1, D_MODEL)
+    gate = Gate(3, feature, value)
+    gated = [GatedEdit(gate, 3, clamp, vector)]
+    deltas = resae.intervention_deltas(acts, {1: t0}, gated=gated)
+    full = resae.intervention_delta(3, acts[3], acts[1] + d0, clamp) + vector
+    torch.testing.assert_close(deltas[3], holds[:, None] * full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(deltas[1], d0, atol=0, rtol=0)
+    # sticky: from the first token where it holds on; out of distribution: position 0 never
+    sticky = resae.intervention_deltas(acts, {1: t0}, gated=[
+        GatedEdit(gate._replace(sticky=True), 3, clamp, vector)])
+    latched = holds.long().cumsum(0) > 0
+    torch.testing.assert_close(sticky[3], latched[:, None] * full, atol=ATOL, rtol=0)
+    ctx = TrainingContext.unknown()
+    skipped = resae.intervention_deltas(acts, {1: t0}, gated=gated, context=ctx,
+                                        positions=list(range(n)))
+    mask = holds.clone()
+    mask[0] = False
+    torch.testing.assert_close(skipped[3], mask[:, None] * full, atol=ATOL, rtol=0)
+    with pytest.raises(InterventionError, match="at or before"):
+        resae.intervention_deltas(acts, {}, gated=[GatedEdit(gate, 1, t0)])

@@ -129,7 +129,8 @@ class FakeEngine:
     async def generate(self, prompt: str | Sequence[int], sampling: SamplingSpec, *,
                        interventions: Sequence[Intervention] = (),
                        monitor: MonitorSpec | None = None,
-                       request_id: str | None = None) -> AsyncGenerator[GenerationChunk, None]:
+                       request_id: str | None = None,
+                       watched: bool = True) -> AsyncGenerator[GenerationChunk, None]:
         request_id = request_id or f"fake-{len(self.sampling)}"
         spec = self.spec(interventions, monitor, key=request_id)
         if self.errored:
@@ -139,7 +140,7 @@ class FakeEngine:
         ids = list(prompt)                                   # the server sends token ids
         self.sampling[request_id], self.steering[request_id] = sampling, spec
         self.prompts[request_id] = ids
-        guards, _ = self.policy.for_request(request_id)
+        guards, _ = self.policy.for_request(request_id) if watched else ((), ())
         self.guards[request_id] = tuple(g.name for g in guards)
         fired: set[str] = set()
         self.live.add(request_id)
@@ -712,6 +713,12 @@ def test_a_stop_monitor_ends_generate_with_the_guardrail_event(
                                                      threshold=6.0, monitor="guard")
     assert not fake.aborted and fake.listener is server.watch_hub
     assert _sample(server, "resae_monitor_fired_requests_total", {"monitor": "guard"}) == 1
+    # Inspect generates nothing to guard: it reads its prompt without the server's monitors
+    with _client(server) as client:
+        client.inspect(PROMPT, monitor=pb.MonitorRequest(layers=[3], top_k=1))
+    assert _sample(server, "resae_monitor_fired_requests_total", {"monitor": "guard"}) == 1
+    inspected = [r for r, names in fake.guards.items() if not names]
+    assert len(inspected) == 1
 
 
 def test_cli_watch_tails_events(watched: tuple[ResaeServer, FakeEngine],
