@@ -147,9 +147,9 @@ class ServingEngine(Protocol):
                  request_id: str | None = None,
                  watched: bool = True) -> AsyncGenerator[GenerationChunk, None]:
         """Stream one request (``watched``: under the server-wide monitors and policy of
-        :meth:`set_guards`; Inspect and SearchFeatures read prompts without them); raises :class:`~resae_serve.errors.EngineRequestError` for
-        values the engine refuses and :class:`~resae_serve.errors.EngineDeadError` when it
-        has died."""
+        :meth:`set_guards`; Inspect and SearchFeatures read prompts without them); raises
+        :class:`~resae_serve.errors.EngineRequestError` for values the engine refuses and
+        :class:`~resae_serve.errors.EngineDeadError` when it has died."""
         ...
 
     async def shutdown(self) -> None: ...
