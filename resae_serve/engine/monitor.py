@@ -18,6 +18,13 @@ Each record also says whether its position lies outside the dictionary's trainin
 thresholds skip such positions unless the request's
 :attr:`~resae_serve.engine.spec.MonitorSpec.include_out_of_distribution` asks for them.
 
+Server-wide monitors reach the monitor as the request's
+:attr:`~resae_serve.engine.spec.SteeringSpec.guards` (:meth:`Monitor.register`): their layers
+are encoded beside the request's own, each record carries the guards' codes at its layer
+(``guard_values``) and their events (``MonitorEvent.monitor`` names the guard; out-of-distribution
+positions skipped unless the guard includes them); a record of a layer only guards asked for
+is marked ``client=False`` and is not reported to the caller.
+
 A preempted request is recomputed from its first token; its positions are encoded again.
 :meth:`Monitor.take` keeps the latest record per (position, layer), and ``recomputed`` counts
 the repeats (a direct measure of preemption seen by the monitor).

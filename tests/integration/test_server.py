@@ -81,7 +81,7 @@ def test_health_serving_and_reflection(server: Any) -> None:
         service = pool.FindServiceByName("resae.v1.ResaeService")
         assert {m.name for m in service.methods} == {
             "Generate", "Inspect", "GetDictionary", "ListFeatures", "GetFeature",
-            "SearchFeatures"}
+            "SearchFeatures", "WatchEvents"}
         from google.protobuf.message_factory import GetMessageClass
 
         method = service.methods_by_name["GetDictionary"]
