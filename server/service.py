@@ -254,6 +254,9 @@ class ResaeService(resae_pb2_grpc.ResaeServiceServicer):
                                "server-wide monitoring is not set up on this server")
         subscription = self.watch_hub.subscribe(request.monitors)
         try:                        # until the caller cancels or the server stops
+            # Headers now, not with the first event: the caller's ``wait_for_connection()``
+            # returns once it is subscribed (every later event reaches it).
+            await context.send_initial_metadata(())
             while (message := await subscription.next()) is not None:
                 yield message
         finally:

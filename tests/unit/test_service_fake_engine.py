@@ -619,6 +619,18 @@ def test_watch_events_streams_monitor_events_with_token_text(
     _wait_subscribers(server, 0)                                  # the stream was closed
 
 
+def test_watch_events_sends_headers_once_subscribed(
+        watched: tuple[ResaeServer, FakeEngine]) -> None:
+    """The headers come before any event: a caller that waited for them is subscribed."""
+    server, _ = watched
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = ResaeServiceStub(channel).WatchEvents(pb.WatchEventsRequest(), timeout=5)
+        call.initial_metadata()                    # DEADLINE_EXCEEDED if they never came
+        assert server.watch_hub is not None and server.watch_hub.subscribers == 1
+        call.cancel()
+    _wait_subscribers(server, 0)
+
+
 def test_a_watcher_that_does_not_read_gets_exact_drop_counts(
         loop: _Loop, watched: tuple[ResaeServer, FakeEngine]) -> None:
     server, _ = watched
