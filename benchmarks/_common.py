@@ -12,8 +12,20 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
+def cpu_flags() -> str:
+    """The vector extensions the CPU reports that matter for float32/bf16 GEMMs."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith("flags")), [])
+    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
+
+
 def machine_description() -> str:
-    """One line naming the CPU, cores, torch threads and versions."""
+    """One line naming the CPU, its vector extensions, cores, torch threads and versions."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -23,7 +35,7 @@ def machine_description() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+    return (f"{cpu} ({cpu_flags()}), {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads){gpu}, Python {platform.python_version()}")
 
 

@@ -35,7 +35,13 @@ import torch
 from benchmarks._report import Section, fmt, median_seconds
 from resae_serve.engine import op
 from resae_serve.engine.monitor import Monitor, StepCapture
-from resae_serve.engine.spec import MonitorSpec, SteerEdit, SteeringSpec, SteerVector
+from resae_serve.engine.spec import (
+    Condition,
+    MonitorSpec,
+    SteerEdit,
+    SteeringSpec,
+    SteerVector,
+)
 from resae_serve.engine.tables import CONDITIONAL_NODES, SteeringTables
 from resae_serve.resae import ReSAE
 from resae_serve.saes import SAEConfig, build_sae
@@ -97,6 +103,15 @@ def _specs(step: int, d: int) -> dict[str, SteeringSpec | None]:
                               vectors=(SteerVector(2, vector, "prompt"),)),
         "monitor": SteeringSpec(edits=(SteerEdit(1, f[5], "clamp", 1.0),),
                                 monitor=MonitorSpec((2, 3), top_k=8), key="monitor"),
+        # ``when`` gates at value 0 hold on every in-distribution token, so they differ from
+        # the ungated edit exactly at position 0 (the first-position rule) and, sticky,
+        # through the latch: the gate mask itself is compared below.
+        "gated": SteeringSpec(edits=(SteerEdit(2, f[1], "clamp", 3.0,
+                                               when=Condition(1, f[0], 0.0)),)),
+        "sticky": SteeringSpec(edits=(SteerEdit(3, f[2], "add", 2.0,
+                                                when=Condition(2, f[3], 0.0, sticky=True)),),
+                               vectors=(SteerVector(3, vector, "all",
+                                                    when=Condition(1, f[4], 0.0)),)),
     }
     keep = [k for k in pool if rng.random() < 0.7] or ["add"]
     return {f"{k}-{step // 2}": pool[k] for k in keep}   # requests live for two steps
@@ -166,8 +181,7 @@ def _parity(device: torch.device, quick: bool, section: Section) -> None:
         return graph.replay, static_in, static_out
 
     worst = worst_cap = 0.0
-    mismatched_records = 0
-    n_records = 0
+    mismatched_records = n_records = gate_mismatches = gated = gateable = 0
     for step in range(n_steps):
         specs = _specs(step, d)
         counts = [3 if step % 3 == 0 else 1 for _ in specs]      # prefill-ish, then decode
@@ -194,23 +208,34 @@ def _parity(device: torch.device, quick: bool, section: Section) -> None:
         for i in range(len(DICT_BLOCKS)):      # edited block outputs (h_prev, captures)
             worst_cap = max(worst_cap, float((tables.h_buf[i, :n_pass].cpu()
                                               - oracle.h_buf[i, :n_pass]).abs().max()))
+        gate_dev, gate_oracle = tables.gates.gate[:total, 1:].cpu(), oracle.gates.gate[:total, 1:]
+        gate_mismatches += int((gate_dev != gate_oracle).sum())
+        of_gated = torch.tensor([req.startswith(("gated", "sticky"))      # per token
+                                 for req, c in zip(specs, counts, strict=True)
+                                 for _ in range(c)])
+        gated += int(((gate_oracle > 0).any(dim=1) & of_gated).sum())
+        gateable += int(of_gated.sum())
         n_records += len(want_records)
         mismatched_records += sum(a != b for a, b in zip(got_records, want_records, strict=False))
         mismatched_records += abs(len(got_records) - len(want_records))
     op.install_tables(None)
     tol = 1e-4
-    ok = worst <= tol and worst_cap <= tol and mismatched_records == 0
+    ok = worst <= tol and worst_cap <= tol and mismatched_records == 0 and gate_mismatches == 0
     section.ok &= ok
     section.notes.append(
         "Parity of the graph body against the CPU eager body (float32, TF32 off, tolerance "
         f"{tol:g}), stand-in stack d {d}, dictionary d_sae {d_sae} at 3 layers:\n\n"
         "| run | steps | padded batches captured | max abs diff, stack output | max abs diff, "
-        "edited block outputs | monitor records equal | conditional nodes | result |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "edited block outputs | monitor records equal | `when` gate cells differing "
+        "(gates set) | conditional nodes | result |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
         f"| {'CUDA graph replay' if cuda else 'graph body, eager (CPU)'} | {n_steps} | "
         f"{len(graphs)} | {worst:.2e} | {worst_cap:.2e} | "
-        f"{n_records - mismatched_records}/{n_records} | {'yes' if conditional else 'no'} | "
+        f"{n_records - mismatched_records}/{n_records} | {gate_mismatches} (a gate set on "
+        f"{gated} of {gateable} tokens of gated requests) | {'yes' if conditional else 'no'} | "
         f"{'ok' if ok else 'FAILED'} |\n\n"
+        "Gated requests: a clamp ``when`` a feature at an earlier layer is >= 0 and a sticky "
+        "add plus a gated vector; the gates (per token and condition) are compared as well.\n\n"
         "Conditional nodes: whether the device-side flags were captured as CUDA-graph "
         "conditional nodes (else the masked body always runs): "
         f"{CONDITIONAL_NODES.get('status', 'not captured (CPU)')}.")

@@ -9,16 +9,26 @@ of concurrent streams and each kind (*plain*; *steered*: an ADD at the first dic
 and a CLAMP at the second, as in ``benchmarks/load.py``), the same ``--requests`` greedy
 streamed completions of ``--tokens`` tokens (``ignore_eos``) are sent over gRPC (the project's
 client) and over HTTP (the real ``openai`` client, ``stream=True``, the steering in
-``extra_body={"resae": …}``), alternating the protocols for ``--rounds`` rounds so drift on a
-shared machine hits both alike. Reported per cell: tokens/s (all tokens / wall time of the
+``extra_body={"resae": …}``), rotating the protocols' order over ``--rounds`` rounds so
+drift on a shared machine hits all alike. Reported per cell: tokens/s (all tokens / wall time of the
 round, median over rounds), time to first token p50 (from sending to the first chunk that
 carries text), and the ratio HTTP / gRPC.
+
+Client and server share this machine's cores, so a client that spends more CPU per token
+leaves the server less. Two HTTP clients are therefore measured beside gRPC: the real
+``openai`` client (what users run), and a lean one (``httpx`` streaming the same request and
+reading the server-sent events with ``json.loads``), which isolates the server's cost of the
+protocol. A second table gives the CPU each side spent per generated token: the client (this
+process) and the server's front end (the ``resae serve`` process: gRPC, HTTP and vLLM's
+``AsyncLLM`` client; its engine-core and worker children busy-poll, so their CPU time says
+nothing about the protocol).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -35,6 +45,10 @@ PROMPTS = ("The history of the city begins", "In the laboratory, the scientists"
            "My grandmother used to tell me", "The committee decided that the new")
 
 
+PROTOCOLS = ("grpc", "http", "http-lean")
+"""gRPC (the project's client), HTTP with the ``openai`` client, HTTP with a lean client."""
+
+
 @dataclass
 class Round:
     """One protocol's pass over the requests of a cell."""
@@ -42,6 +56,8 @@ class Round:
     tokens: int
     wall_s: float
     ttft_s: list[float]
+    client_cpu_s: float = 0.0
+    server_cpu_s: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -138,25 +154,89 @@ async def _http_round(target: str, http: str, kind: str, streams: int, requests:
     return Round(total, wall, ttft)
 
 
-def _cell(target: str, http: str, kind: str, streams: int, args: argparse.Namespace
-          ) -> dict[str, dict[str, float]]:
-    rounds: dict[str, list[Round]] = {"grpc": [], "http": []}
+async def _lean_http_round(target: str, http: str, kind: str, streams: int, requests: int,
+                           tokens: int) -> Round:
+    """As :func:`_http_round`, the same request bodies, read with ``httpx`` and ``json``."""
+    import httpx
+    from google.protobuf import json_format
+
+    from resae_serve.server.client import AsyncResaeClient
+
+    grpc_client = AsyncResaeClient(target, timeout=60)
+    info = await grpc_client.get_dictionary()
+    await grpc_client.close()
+    queue = list(range(requests))
+    total, ttft = 0, []
+    async with httpx.AsyncClient(base_url=f"http://{http}/v1", timeout=600,
+                                 limits=httpx.Limits(max_connections=streams)) as client:
+        model = (await client.get("/models")).json()["data"][0]["id"]
+
+        async def worker(w: int) -> None:
+            nonlocal total
+            body: dict[str, Any] = {"model": model, "max_tokens": tokens, "temperature": 0.0,
+                                    "stream": True, "ignore_eos": True,
+                                    "stream_options": {"include_usage": True}}
+            if kind == "steered":
+                body["resae"] = {"interventions": [json_format.MessageToDict(x)
+                                                   for x in _interventions(info, w)]}
+            while queue:
+                i = queue.pop()
+                sent, first = time.perf_counter(), None
+                async with client.stream("POST", "/completions",
+                                         json={**body, "prompt": PROMPTS[i % len(PROMPTS)]}
+                                         ) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk["choices"] and chunk["choices"][0]["text"]:
+                            first = first or time.perf_counter()
+                        if chunk.get("usage"):
+                            total += chunk["usage"]["completion_tokens"]
+                if first is not None:
+                    ttft.append(first - sent)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(streams)))
+        wall = time.perf_counter() - start
+    return Round(total, wall, ttft)
+
+
+def _cpu_s(process: Any) -> float:
+    """User + system CPU seconds of ``process`` (a ``psutil.Process``)."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _cell(target: str, http: str, kind: str, streams: int, args: argparse.Namespace,
+          server: Any) -> dict[str, dict[str, float]]:
+    rounds: dict[str, list[Round]] = {p: [] for p in PROTOCOLS}
     for r in range(args.rounds):
-        order = ("grpc", "http") if r % 2 == 0 else ("http", "grpc")
+        order = PROTOCOLS[r % 3:] + PROTOCOLS[:r % 3]
         for protocol in order:
             run = (_grpc_round(target, kind, streams, args.requests, args.tokens)
                    if protocol == "grpc" else
-                   _http_round(target, http, kind, streams, args.requests, args.tokens))
+                   _http_round(target, http, kind, streams, args.requests, args.tokens)
+                   if protocol == "http" else
+                   _lean_http_round(target, http, kind, streams, args.requests, args.tokens))
+            client_cpu, server_cpu = time.process_time(), _cpu_s(server)
             result = asyncio.run(run)
+            result.client_cpu_s = time.process_time() - client_cpu
+            result.server_cpu_s = _cpu_s(server) - server_cpu
             if result.tokens != args.requests * args.tokens:
                 raise RuntimeError(f"{protocol} {kind} ×{streams}: {result.tokens} tokens, "
                                    f"expected {args.requests * args.tokens}")
             rounds[protocol].append(result)
-            logger.info("%s %s ×%d round %d: %.1f tokens/s, TTFT p50 %.0f ms", protocol, kind,
-                        streams, r, result.tokens_per_s,
-                        1000 * statistics.median(result.ttft_s))
+            logger.info("%s %s ×%d round %d: %.1f tokens/s, TTFT p50 %.0f ms, CPU ms/token "
+                        "client %.2f server %.2f", protocol, kind, streams, r,
+                        result.tokens_per_s, 1000 * statistics.median(result.ttft_s),
+                        1000 * result.client_cpu_s / result.tokens,
+                        1000 * result.server_cpu_s / result.tokens)
     return {p: {"tokens_per_s": statistics.median(x.tokens_per_s for x in rs),
-                "ttft_p50_ms": 1000 * statistics.median(t for x in rs for t in x.ttft_s)}
+                "ttft_p50_ms": 1000 * statistics.median(t for x in rs for t in x.ttft_s),
+                "client_ms": 1000 * statistics.median(x.client_cpu_s / x.tokens for x in rs),
+                "server_ms": 1000 * statistics.median(x.server_cpu_s / x.tokens for x in rs)}
             for p, rs in rounds.items()}
 
 
@@ -177,40 +257,54 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     streams = [int(s) for s in args.streams.split(",")]
     load_before = os.getloadavg()[0]
-    rows = []
+    rows, cpu_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         dictionary = args.dictionary or random_dictionary(Path(tmp) / "dict")
         http_port = _free_port()
         flags = ["--http-port", str(http_port), "--max-num-seqs", str(max(streams)),
                  "--max-model-len", "512", "--max-tokens", str(max(args.tokens, 64))]
-        with serve_child(dictionary, flags, Path(tmp) / "server.log") as (_, port):
+        with serve_child(dictionary, flags, Path(tmp) / "server.log") as (process, port):
+            import psutil
+
+            server = psutil.Process(process.pid)
             target, http = f"127.0.0.1:{port}", f"127.0.0.1:{http_port}"
-            warm = argparse.Namespace(**{**vars(args), "rounds": 1, "requests": 4})
-            _cell(target, http, "steered", 2, warm)                      # warm both paths
+            warm = argparse.Namespace(**{**vars(args), "rounds": 3, "requests": 4})
+            _cell(target, http, "steered", 2, warm, server)             # warm every path
             for n in streams:
                 for kind in ("plain", "steered"):
-                    cell = _cell(target, http, kind, n, args)
-                    g, h = cell["grpc"], cell["http"]
+                    cell = _cell(target, http, kind, n, args, server)
+                    g, h, lean = cell["grpc"], cell["http"], cell["http-lean"]
                     rows.append(f"| {n} | {kind} | {g['tokens_per_s']:.1f} | "
                                 f"{h['tokens_per_s']:.1f} | "
                                 f"{h['tokens_per_s'] / g['tokens_per_s']:.3f} | "
-                                f"{g['ttft_p50_ms']:.0f} | {h['ttft_p50_ms']:.0f} |")
+                                f"{lean['tokens_per_s']:.1f} | "
+                                f"{lean['tokens_per_s'] / g['tokens_per_s']:.3f} | "
+                                f"{g['ttft_p50_ms']:.0f} | {h['ttft_p50_ms']:.0f} | "
+                                f"{lean['ttft_p50_ms']:.0f} |")
+                    cpu_rows.append(f"| {n} | {kind} | " + " | ".join(
+                        f"{cell[p]['client_ms']:.3f} | {cell[p]['server_ms']:.3f}"
+                        for p in PROTOCOLS) + " |")
     table = "\n".join([
-        "| streams | kind | gRPC tokens/s | HTTP tokens/s | HTTP / gRPC | gRPC TTFT p50 ms "
-        "| HTTP TTFT p50 ms |", "|---:|---|---:|---:|---:|---:|---:|", *rows])
+        "| streams | kind | gRPC tokens/s | HTTP (openai) tokens/s | HTTP (openai) / gRPC "
+        "| HTTP (lean) tokens/s | HTTP (lean) / gRPC | gRPC TTFT p50 ms "
+        "| HTTP (openai) TTFT p50 ms | HTTP (lean) TTFT p50 ms |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "| streams | kind | gRPC client CPU ms/token | gRPC server front end "
+        "| HTTP (openai) client | HTTP (openai) server front end | HTTP (lean) client "
+        "| HTTP (lean) server front end |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|", *cpu_rows])
     sys.stdout.write(table + "\n")
     if not args.no_record:
         command = ("python -m benchmarks.http_vs_grpc " + " ".join(argv or sys.argv[1:])).strip()
-        flags = next((line.split(":", 1)[1].split() for line in
-                      Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-        simd = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
         append_results(
             "HTTP (OpenAI API) vs gRPC on one server", command, table,
-            f"CPU flags: {simd or 'none of avx2/avx512'}. `resae serve --http-port` child "
+            f"`resae serve --http-port` child "
             f"process (SmolLM2-135M compiled, max_num_seqs {max(streams)}, random dictionary "
             f"of the real shape); {args.requests} greedy streamed calls of {args.tokens} "
-            f"tokens per round, {args.rounds} rounds per protocol alternating, medians. "
+            f"tokens per round, {args.rounds} rounds per protocol in rotating order, medians. "
+            f"CPU per token: user + system seconds of the client (this process) and of the "
+            f"server's front-end process (not its busy-polling engine children) over a round, "
+            f"divided by its tokens. "
             f"1-minute load average {load_before:.1f} at the start, "
             f"{os.getloadavg()[0]:.1f} at the end.")
     return 0

@@ -27,7 +27,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -162,18 +161,6 @@ def heldout_fve(trainer: PeerTrainer, heldout: torch.Tensor, device: str) -> flo
     return 1.0 - err / total
 
 
-def cpu_flags() -> str:
-    """The vector extensions the CPU reports that matter for float32 GEMMs."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
-    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
-    return ", ".join(f for f in wanted if f in flags) or "none of " + ", ".join(wanted)
-
-
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -232,7 +219,7 @@ def run_peer(args: argparse.Namespace) -> int:
             f"{settings.steps} steps × {args.repeats} seed(s); the trainers take turns step by "
             "step in one process (step 0 untimed); FVE pooled over "
             f"{len(heldout)} held-out Brown tokens, inputs divided by the train RMS. "
-            f"CPU flags: {cpu_flags()}; load average {load_before:.1f} before, "
+            f"Load average {load_before:.1f} before, "
             f"{os.getloadavg()[0]:.1f} after (other work on the machine slows every trainer "
             "alike; compare the ratios).")
     return 0

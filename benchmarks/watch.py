@@ -8,10 +8,12 @@ Cells, interleaved over ``--rounds`` rounds (medians; ratios against the plain c
 - plain: no policy, plain requests;
 - 16 monitors: the server's policy holds 16 ``record`` monitors (4 per dictionary layer) that
   apply to every request; their events go to the metrics and the event hub;
-- 16 monitors + idle subscriber: the same, with a ``WatchEvents`` subscriber that never reads
-  (its buffer fills, the oldest events are dropped);
 - conditional edit: no policy; every request clamps one feature at the second dictionary
-  layer ``when`` a feature at the first reaches a value (evaluated inside the op).
+  layer ``when`` a feature at the first reaches a value (evaluated inside the op);
+- 16 monitors firing on every token: the same monitors at threshold 0 (every in-distribution
+  token fires all 16: an event storm, far beyond any real alerting threshold);
+- the same + idle subscriber: with a ``WatchEvents`` subscriber that never reads (the
+  transport's window fills, then its buffer; the oldest events are dropped and counted).
 
 The policy is switched between cells on the server's engine (``set_guards``), as a config
 reload would. Usage: ``python -m benchmarks.watch [--streams 32] [--requests 64] [--tokens 32]
@@ -34,7 +36,8 @@ from benchmarks._inprocess import LoopThread, in_process_server
 logger = logging.getLogger(__name__)
 PROMPTS = ["Once upon a time, in a small village,", "The capital of France is",
            "def fibonacci(n):", "The best way to learn a language is"]
-CELLS = ("plain", "16 monitors", "16 monitors + idle subscriber", "conditional edit")
+CELLS = ("plain", "16 monitors", "conditional edit", "16 monitors firing on every token",
+         "16 monitors firing on every token + idle subscriber")
 
 
 class Round(NamedTuple):
@@ -125,6 +128,7 @@ def run(args: argparse.Namespace) -> str:
 
         info = client_loop.run(dictionary())
         policy = settings.policy()
+        storm = _monitors(0.0).policy()
         hub = server.watch_hub
 
         async def set_policy(p: Any) -> None:
@@ -145,7 +149,8 @@ def run(args: argparse.Namespace) -> str:
             info))                                                        # warm-up
         for r in range(args.rounds):
             for cell in CELLS:
-                server_loop.run(set_policy(policy if "monitors" in cell else GuardPolicy()))
+                server_loop.run(set_policy(storm if "every token" in cell else
+                                           policy if "monitors" in cell else GuardPolicy()))
                 idle = (client_loop.run(idle_subscriber()) if "subscriber" in cell else None)
                 events = _counter(server, "resae_monitor_fired_tokens_total")
                 dropped = _counter(server, "resae_watch_dropped_events_total")
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=1.0,
-                        help="the monitors' threshold and the edit's condition value")
+                        help="the 16 monitors' threshold and the edit's condition value")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

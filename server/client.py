@@ -221,8 +221,11 @@ class Completion:
         return completion
 
 
-def _watched(response: pb.WatchEventsResponse) -> WatchMessage:
-    return response.dropped if response.WhichOneof("kind") == "dropped" else response.event
+def _watched(response: pb.WatchEventsResponse) -> Iterator[WatchMessage]:
+    """A stream message as the SDK yields it: the drop count first (if any), then each event."""
+    if response.HasField("dropped"):
+        yield response.dropped
+    yield from response.events
 
 
 # ----------------------------------------------------------------------------- clients
@@ -353,7 +356,7 @@ class ResaeClient(_ClientBase):
                                       metadata=self._metadata, timeout=timeout)
         try:
             for response in call:
-                yield _watched(response)
+                yield from _watched(response)
         finally:
             call.cancel()
 
@@ -473,6 +476,7 @@ class AsyncResaeClient(_ClientBase):
                                       metadata=self._metadata, timeout=timeout)
         try:
             async for response in call:
-                yield _watched(response)
+                for message in _watched(response):
+                    yield message
         finally:
             call.cancel()

@@ -10,9 +10,10 @@ configured.
 The engine calls the listener on the server's event loop for every sampled request, so the
 hub never waits: each subscriber has a bounded buffer (``watch.subscriber_buffer`` events);
 when it is full the oldest buffered event is dropped and counted, exactly, in the metrics and
-in the subscriber's stream (an ``EventsDropped`` notice before its next event). A stream that
-never reads therefore costs one buffer, never generation speed. The event log is written by a
-thread of its own.
+in the subscriber's stream (an ``EventsDropped`` count on its next message). A stream that
+never reads therefore costs one buffer, never generation speed; a stream's messages carry
+everything buffered (up to :data:`BATCH` events), so a storm of events costs few writes. The
+event log is written by a thread of its own.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ LOG_QUEUE_EVENTS = 65536
 """Events waiting for the event log's thread; beyond it events are left out of the log."""
 TOKEN_TEXT_CACHE = 65536
 """Decoded token texts kept (one id each)."""
+BATCH = 256
+"""Events per ``WatchEventsResponse`` at most: one message per event would cost the server's
+event loop a gRPC write each (tens of µs) and, in an event storm, generation speed."""
 
 
 class WatchedRecord(NamedTuple):
@@ -112,17 +116,20 @@ class Subscription:
         self._ready.set()
 
     async def next(self) -> pb.WatchEventsResponse | None:
-        """The next message of the stream; None once it has ended."""
+        """The next message of the stream: what is buffered (up to :data:`BATCH` events), after
+        a count of the events dropped since the previous message; None once it has ended."""
         while not self.buffer and not self.ended:
             self._ready.clear()
             await self._ready.wait()
-        if self.dropped:      # drops happen only on a push, so an event follows the notice
-            notice = pb.EventsDropped(dropped=self.dropped, total=self.total_dropped)
-            self.dropped = 0
-            return pb.WatchEventsResponse(dropped=notice)
         if not self.buffer:
             return None
-        return pb.WatchEventsResponse(event=self.buffer.popleft().message())
+        # Drops happen only on a push, so a message with a drop count always has events.
+        notice = (pb.EventsDropped(dropped=self.dropped, total=self.total_dropped)
+                  if self.dropped else None)
+        self.dropped = 0
+        n = min(len(self.buffer), BATCH)
+        return pb.WatchEventsResponse(dropped=notice, events=[
+            self.buffer.popleft().message() for _ in range(n)])
 
     def close(self) -> None:
         """Unsubscribe (the stream ended or was cancelled)."""

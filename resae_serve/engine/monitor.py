@@ -121,17 +121,23 @@ class _Discard(NamedTuple):
     key: str
 
 
-class _Watched(NamedTuple):
-    """What a request asks the monitor for: its own spec and its guards."""
+class _Watched:
+    """What a request asks the monitor for: its own spec and its guards (by layer, computed
+    once: both are asked per token and layer)."""
 
-    spec: MonitorSpec
-    guards: tuple[Guard, ...]
+    __slots__ = ("_at", "_layers", "guards", "spec")
+
+    def __init__(self, spec: MonitorSpec, guards: tuple[Guard, ...]) -> None:
+        self.spec, self.guards = spec, guards
+        self._at = {layer: tuple(g for g in guards if g.layer == layer)
+                    for layer in {g.layer for g in guards}}
+        self._layers = frozenset(spec.layers) | frozenset(self._at)
 
     def at(self, layer: int) -> tuple[Guard, ...]:
-        return tuple(g for g in self.guards if g.layer == layer)
+        return self._at.get(layer, ())
 
     def wants(self, layer: int) -> bool:
-        return layer in self.spec.layers or any(g.layer == layer for g in self.guards)
+        return layer in self._layers
 
 
 _NOTHING = _Watched(MonitorSpec(), ())

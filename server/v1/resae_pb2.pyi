@@ -501,9 +501,9 @@ class EventsDropped(_message.Message):
     def __init__(self, dropped: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class WatchEventsResponse(_message.Message):
-    __slots__ = ("event", "dropped")
-    EVENT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("dropped", "events")
     DROPPED_FIELD_NUMBER: _ClassVar[int]
-    event: WatchedEvent
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     dropped: EventsDropped
-    def __init__(self, event: _Optional[_Union[WatchedEvent, _Mapping]] = ..., dropped: _Optional[_Union[EventsDropped, _Mapping]] = ...) -> None: ...
+    events: _containers.RepeatedCompositeFieldContainer[WatchedEvent]
+    def __init__(self, dropped: _Optional[_Union[EventsDropped, _Mapping]] = ..., events: _Optional[_Iterable[_Union[WatchedEvent, _Mapping]]] = ...) -> None: ...

@@ -124,7 +124,10 @@ class ResaeServiceServicer:
         """Events of the server-wide monitors (the server's config) across all requests, as they
         happen, until the caller cancels. Each subscriber has a bounded buffer: when it reads
         slower than events arrive, the oldest buffered events are dropped (never generation
-        slowed down), counted in the stream (EventsDropped) and in the server's metrics.
+        slowed down), counted in the stream (EventsDropped) and in the server's metrics. Events
+        come in batches (WatchEventsResponse.events).
+        The response headers are sent as soon as the subscription exists: once a client has
+        them (grpc's wait_for_connection / initial metadata), every later event reaches it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

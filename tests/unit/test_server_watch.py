@@ -20,7 +20,7 @@ from resae_serve.server.convert import RequestError
 from resae_serve.server.errors import ServiceError, status_for
 from resae_serve.server.metrics import ServerMetrics
 from resae_serve.server.v1 import resae_pb2 as pb
-from resae_serve.server.watch import EventLog, WatchedRecord, WatchHub
+from resae_serve.server.watch import BATCH, EventLog, WatchedRecord, WatchHub
 
 MONITORS = (ServerMonitor("tox", 1, 5, 2.0), ServerMonitor("pii", 3, 6, 1.0, "stop"))
 NOW = 1_700_000_000.25
@@ -60,23 +60,25 @@ def test_events_carry_token_text_and_reach_the_subscribers_that_follow_them(
         hub.fired(_event(0, token_id=9), True)                       # "w5"
         hub.fired(_event(1, "pii", token_id=-1), True)               # token not known
         hub.fired(_event(2, token_id=9), False)
-        first = await every.next()                                   # waits for nothing
+        first = await every.next()                # waits for nothing: all three, in order
         rest = await _drain(every), await _drain(pii)
         every.close()
         pii.close()
         return [first, *rest[0]], rest[1]
 
-    every, pii = asyncio.run(scenario())
+    every_messages, pii_messages = asyncio.run(scenario())
     assert hub.subscribers == 0
-    assert [m.event.request_id for m in every] == ["r0", "r1", "r2"]
-    assert [m.event.request_id for m in pii] == ["r1"]
-    assert every[0].event == pb.WatchedEvent(
+    assert len(every_messages) == 1 and not every_messages[0].HasField("dropped")
+    every = list(every_messages[0].events)
+    assert [e.request_id for e in every] == ["r0", "r1", "r2"]
+    assert [e.request_id for m in pii_messages for e in m.events] == ["r1"]
+    assert every[0] == pb.WatchedEvent(
         request_id="r0", monitor="tox", action="record", position=0, token_id=9,
         token_text="w5", layer=1, feature=5, value=2.0, threshold=2.0, time_unix_s=NOW)
-    assert every[1].event.token_text == "" and every[1].event.token_id == -1
+    assert every[1].token_text == "" and every[1].token_id == -1
 
 
-def test_a_full_buffer_drops_the_oldest_and_says_how_many_before_the_next_event(
+def test_a_full_buffer_drops_the_oldest_and_says_how_many_with_the_next_events(
         tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     hub = _hub(tiny_tokenizer, subscriber_buffer=3)
 
@@ -85,7 +87,7 @@ def test_a_full_buffer_drops_the_oldest_and_says_how_many_before_the_next_event(
         for i in range(10):
             hub.fired(_event(i), i == 0)
             hub.fired(_event(100 + i, "pii"), False)                 # not followed: no drops
-        got = [await slow.next(), await slow.next()]
+        got = [await slow.next()]
         for i in range(10, 15):
             hub.fired(_event(i), False)
         got += await _drain(slow)
@@ -93,17 +95,35 @@ def test_a_full_buffer_drops_the_oldest_and_says_how_many_before_the_next_event(
         return got
 
     got = asyncio.run(scenario())
-    kinds = [m.WhichOneof("kind") for m in got]
-    assert kinds == ["dropped", "event", "dropped", "event", "event", "event"]
+    assert len(got) == 2
     assert (got[0].dropped.dropped, got[0].dropped.total) == (7, 7)        # 0..6 dropped
-    assert got[1].event.request_id == "r7"
-    # r8, r9 still buffered, then 10..14 arrive into 3 slots: r8, r9, r10, r11 dropped
-    assert (got[2].dropped.dropped, got[2].dropped.total) == (4, 11)
-    assert [m.event.request_id for m in got[3:]] == ["r12", "r13", "r14"]
+    assert [e.request_id for e in got[0].events] == ["r7", "r8", "r9"]
+    # 10..14 arrive into 3 slots: r10, r11 dropped
+    assert (got[1].dropped.dropped, got[1].dropped.total) == (2, 9)
+    assert [e.request_id for e in got[1].events] == ["r12", "r13", "r14"]
     scraped = _scrape(hub.metrics)
-    assert scraped[("resae_watch_dropped_events_total", (("monitor", "tox"),))] == 11
+    assert scraped[("resae_watch_dropped_events_total", (("monitor", "tox"),))] == 9
     assert scraped[("resae_watch_dropped_events_total", (("monitor", "pii"),))] == 0
     assert scraped[("resae_watch_subscribers", ())] == 0
+
+
+def test_a_message_carries_at_most_a_batch_of_events(tiny_tokenizer: PreTrainedTokenizerFast
+                                                      ) -> None:
+    hub = _hub(tiny_tokenizer, subscriber_buffer=1000)
+
+    async def scenario() -> list[pb.WatchEventsResponse]:
+        reader = hub.subscribe([])
+        for i in range(BATCH + 44):
+            hub.fired(_event(i), i == 0)
+        got = [await reader.next()]
+        got += await _drain(reader)
+        reader.close()
+        return got
+
+    got = asyncio.run(scenario())
+    assert [len(m.events) for m in got] == [BATCH, 44]
+    assert [e.request_id for m in got for e in m.events] == [f"r{i}" for i in range(BATCH + 44)]
+    assert not any(m.HasField("dropped") for m in got)
 
 
 def test_per_monitor_metrics(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
@@ -168,7 +188,7 @@ def test_events_from_another_thread_reach_subscribers_on_the_loop(
         thread.join()
         subscription.close()
         assert message is not None
-        return message.event.request_id
+        return message.events[0].request_id
 
     assert asyncio.run(scenario()) == "r0"
 
