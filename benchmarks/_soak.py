@@ -168,6 +168,9 @@ def serve_child(dictionary: Path, flags: Sequence[str], log: Path,
             if process.poll() is not None:
                 raise RuntimeError(f"the server exited {process.returncode}: "
                                    f"{log.read_text()[-2000:]}")
+            if "the engine failed to load" in log.read_text(errors="replace"):
+                raise RuntimeError(f"the server's engine failed to load (log {log}): "
+                                   f"{log.read_text(errors='replace')[-2000:]}")   # it stays up
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the server is not SERVING after {timeout_s} s (log {log})")
             time.sleep(1.0)

@@ -11,13 +11,15 @@ tokens at once, so its default KV cache is
     default_kv = max_num_seqs · max_model_len · kv_bytes_per_token · KV_HEADROOM
 
 rounded up to a MiB: every admitted sequence can grow to full length without a preemption,
-and the headroom covers partly filled blocks. What the engine processes hold besides:
-weights (parameter count from the safetensors headers × the serving dtype), the dictionary
-(its files, :data:`DICTIONARY_COPIES` times: the worker's copy, its packed encode weights and
-the monitor's), the persistent steering tables, and the runtime itself (Python, torch, vLLM
-and the compiled graphs of the engine-core and worker processes, :data:`RUNTIME_BYTES`,
-measured). :func:`available_memory` is what the kernel can still hand out (``MemAvailable``,
-within a cgroup limit where one is set).
+and the headroom covers partly filled blocks. It is never less than whole blocks for every
+sequence plus vLLM's null block (``(max_num_seqs · ⌈max_model_len / 128⌉ + 1) · 128`` tokens
+on CPU, :data:`KV_BLOCK_TOKENS`), which is what a small configuration (one sequence) needs.
+What the engine processes hold besides: weights (parameter count from the safetensors headers ×
+the serving dtype), the dictionary (its files, :data:`DICTIONARY_COPIES` times: the worker's
+copy, its packed encode weights and the monitor's), the persistent steering tables, and the
+runtime itself (Python, torch, vLLM and the compiled graphs of the engine-core and worker
+processes, :data:`RUNTIME_BYTES`, measured). :func:`available_memory` is what the kernel can
+still hand out (``MemAvailable``, within a cgroup limit where one is set).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MIB = 2**20
 GIB = 2**30
 KV_HEADROOM = 1.10
 """Default KV cache over the exact need (partly filled blocks)."""
+KV_BLOCK_TOKENS = 128
+"""Tokens per KV cache block of vLLM's CPU backend (its default ``block_size`` there)."""
 DICTIONARY_COPIES = 3
 """Copies of the dictionary the engine holds (worker, packed encode weights, monitor)."""
 RUNTIME_BYTES = 2 * GIB
@@ -90,12 +94,13 @@ def kv_bytes_per_token(model_config: dict[str, Any], dtype_size: int) -> int:
 
 def default_kv_cache_bytes(per_token: int, max_num_seqs: int, max_model_len: int) -> int:
     """``max_num_seqs · max_model_len`` tokens at ``per_token`` bytes, × :data:`KV_HEADROOM`,
-    rounded up to a MiB."""
+    at least whole blocks for every sequence and the null block, rounded up to a MiB."""
     if min(per_token, max_num_seqs, max_model_len) < 1:
         raise MemoryPlanError(f"per_token={per_token}, max_num_seqs={max_num_seqs}, "
                               f"max_model_len={max_model_len}; all must be >= 1")
-    need = per_token * max_num_seqs * max_model_len * KV_HEADROOM
-    return math.ceil(need / MIB) * MIB
+    blocks = max_num_seqs * math.ceil(max_model_len / KV_BLOCK_TOKENS) + 1
+    tokens = max(max_num_seqs * max_model_len * KV_HEADROOM, blocks * KV_BLOCK_TOKENS)
+    return math.ceil(per_token * tokens / MIB) * MIB
 
 
 def safetensors_numel(path: Path) -> tuple[int, int]:
@@ -229,7 +234,8 @@ def plan_memory(model_folder: Path, dictionary: Path, *, dtype: str, max_num_seq
     if kv_cache_bytes is None and not on_gpu:
         kv_cache_bytes = default_kv_cache_bytes(per_token, max_num_seqs, max_model_len)
         kv_source = (f"max_num_seqs {max_num_seqs} × max_model_len {max_model_len} × "
-                     f"{per_token} B/token × {KV_HEADROOM:g}")
+                     f"{per_token} B/token × {KV_HEADROOM:g}, at least whole "
+                     f"{KV_BLOCK_TOKENS}-token blocks")
     elif kv_cache_bytes is None:
         kv_source = "sized by vLLM from gpu_memory_utilization"
     manifest = read_manifest(dictionary)

@@ -15,6 +15,7 @@ from resae_serve.artifact import save_artifact
 from resae_serve.engine.memory import (
     DICTIONARY_COPIES,
     GIB,
+    KV_BLOCK_TOKENS,
     KV_HEADROOM,
     MIB,
     RUNTIME_BYTES,
@@ -62,6 +63,14 @@ def test_default_kv_cache_follows_the_configuration() -> None:
     assert abs(default_kv_cache_bytes(per_token, 16, 8192) - 4 * base) <= 4 * MIB
     with pytest.raises(MemoryPlanError, match="max_num_seqs=0"):
         default_kv_cache_bytes(per_token, 0, 2048)
+
+
+def test_default_kv_cache_holds_whole_blocks_and_the_null_block() -> None:
+    """One sequence of 512 tokens needs 4 blocks of 128 plus vLLM's null block: 10 % headroom
+    (563 tokens) would leave vLLM 3 usable blocks and it would refuse to start."""
+    per_token = 46080
+    assert default_kv_cache_bytes(per_token, 1, 512) >= 5 * KV_BLOCK_TOKENS * per_token
+    assert default_kv_cache_bytes(per_token, 2, 130) >= 5 * KV_BLOCK_TOKENS * per_token
 
 
 def _model(folder: Path) -> None:
