@@ -81,8 +81,11 @@ def llm(dictionary: Path) -> Any:
     engine.llm_engine.engine_core.shutdown()
 
 
-ISOLATION_ATOL = 1e-5
-"""Largest logprob difference allowed for an unsteered request beside steered ones."""
+ISOLATION_ATOL = 1e-4
+"""Largest logprob difference allowed for an unsteered request beside steered ones: float32
+CPU kernels differ by batch shape (clean-clone runs saw 1e-6 and, on 2026-12-06, 1.03e-5);
+steering that leaked into the request would move its logprobs by orders of magnitude more
+(the neighbours' edits change their own greedy tokens)."""
 
 
 def _greedy(max_tokens: int = 6, logprobs: int | None = 5) -> Any:
@@ -129,9 +132,8 @@ def test_unsteered_requests_are_isolated(llm: Any) -> None:
         assert mixed[j].outputs[0].token_ids == plain[j].outputs[0].token_ids
         got, want = _logprob_rows(mixed[j]), _logprob_rows(plain[j])
         assert [row.keys() for row in got] == [row.keys() for row in want]
-        # Bitwise equal in almost every run; once in a clean-clone CI run one step differed
-        # by 1e-6 (float32 CPU kernels), so the bound is that, not zero. Steering leaking into
-        # an unsteered request would move logprobs by orders of magnitude more.
+        # Bitwise equal in almost every run; clean-clone runs have seen one step differ by
+        # 1e-6 and by 1e-5 (float32 CPU kernels), so the bound is ISOLATION_ATOL, not zero.
         worst = max(abs(g[t] - w[t]) for g, w in zip(got, want, strict=True) for t in w)
         assert worst <= ISOLATION_ATOL, f"unsteered logprobs moved by {worst:.2e}"
     assert mixed[0].outputs[0].token_ids != plain[0].outputs[0].token_ids
