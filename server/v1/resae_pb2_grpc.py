@@ -5,7 +5,7 @@ import warnings
 
 from resae_serve.server.v1 import resae_pb2 as resae_dot_v1_dot_resae__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
