@@ -78,6 +78,16 @@ def _interventions(info: Any, worker: int) -> list[Any]:
             clamp(second.layer, (101 + 53 * worker) % second.d_sae, 1.0)]
 
 
+def _resae_body(info: Any, kind: str, worker: int) -> dict[str, Any]:
+    """The HTTP body's ``resae`` field of a request of ``kind`` (none when plain)."""
+    from google.protobuf import json_format
+
+    if kind != "steered":
+        return {}
+    return {"resae": {"interventions": [json_format.MessageToDict(x)
+                                        for x in _interventions(info, worker)]}}
+
+
 async def _grpc_round(target: str, kind: str, streams: int, requests: int, tokens: int
                       ) -> Round:
     from resae_serve.server.client import AsyncResaeClient, generate_request
@@ -112,7 +122,6 @@ async def _grpc_round(target: str, kind: str, streams: int, requests: int, token
 
 async def _http_round(target: str, http: str, kind: str, streams: int, requests: int,
                       tokens: int) -> Round:
-    from google.protobuf import json_format
     from openai import AsyncOpenAI
 
     from resae_serve.server.client import AsyncResaeClient
@@ -128,10 +137,7 @@ async def _http_round(target: str, http: str, kind: str, streams: int, requests:
 
     async def worker(w: int) -> None:
         nonlocal total
-        body: dict[str, Any] = {"ignore_eos": True}
-        if kind == "steered":
-            body["resae"] = {"interventions": [json_format.MessageToDict(x)
-                                               for x in _interventions(info, w)]}
+        body: dict[str, Any] = {"ignore_eos": True, **_resae_body(info, kind, w)}
         while queue:
             i = queue.pop()
             sent, first = time.perf_counter(), None
@@ -158,7 +164,6 @@ async def _lean_http_round(target: str, http: str, kind: str, streams: int, requ
                            tokens: int) -> Round:
     """As :func:`_http_round`, the same request bodies, read with ``httpx`` and ``json``."""
     import httpx
-    from google.protobuf import json_format
 
     from resae_serve.server.client import AsyncResaeClient
 
@@ -175,10 +180,8 @@ async def _lean_http_round(target: str, http: str, kind: str, streams: int, requ
             nonlocal total
             body: dict[str, Any] = {"model": model, "max_tokens": tokens, "temperature": 0.0,
                                     "stream": True, "ignore_eos": True,
-                                    "stream_options": {"include_usage": True}}
-            if kind == "steered":
-                body["resae"] = {"interventions": [json_format.MessageToDict(x)
-                                                   for x in _interventions(info, w)]}
+                                    "stream_options": {"include_usage": True},
+                                    **_resae_body(info, kind, w)}
             while queue:
                 i = queue.pop()
                 sent, first = time.perf_counter(), None
