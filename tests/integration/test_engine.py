@@ -83,8 +83,10 @@ def llm(dictionary: Path) -> Any:
 
 ISOLATION_ATOL = 1e-4
 """Largest logprob difference allowed for an unsteered request beside steered ones: float32
-CPU kernels differ by batch shape (clean-clone runs saw 1e-6 and, on 2026-12-06, 1.03e-5);
-steering that leaked into the request would move its logprobs by orders of magnitude more
+CPU kernels round by batch shape, and a batch's schedule is not reproducible: vLLM's engine core
+starts a step as soon as the first request arrives, so whether later ones join it depends on
+timing (two plain runs of one batch differed by 7.6e-6; clean-clone runs here saw 1e-6 and
+1.03e-5); steering that leaked into the request would move its logprobs by orders of magnitude more
 (the neighbours' edits change their own greedy tokens)."""
 
 
@@ -132,8 +134,8 @@ def test_unsteered_requests_are_isolated(llm: Any) -> None:
         assert mixed[j].outputs[0].token_ids == plain[j].outputs[0].token_ids
         got, want = _logprob_rows(mixed[j]), _logprob_rows(plain[j])
         assert [row.keys() for row in got] == [row.keys() for row in want]
-        # Bitwise equal in almost every run; clean-clone runs have seen one step differ by
-        # 1e-6 and by 1e-5 (float32 CPU kernels), so the bound is ISOLATION_ATOL, not zero.
+        # Not bitwise: the batch's schedule depends on when each request reaches the engine
+        # core (see ISOLATION_ATOL), so the bound is ISOLATION_ATOL, not zero.
         worst = max(abs(g[t] - w[t]) for g, w in zip(got, want, strict=True) for t in w)
         assert worst <= ISOLATION_ATOL, f"unsteered logprobs moved by {worst:.2e}"
     assert mixed[0].outputs[0].token_ids != plain[0].outputs[0].token_ids

@@ -203,21 +203,42 @@ def test_gated_edits_match_huggingface_oracle(llm: Any, hf: Any, resae: ReSAE,
 
 def test_condition_that_never_holds_leaves_the_request_unsteered(llm: Any,
                                                                  prompt_ids: list[int]) -> None:
+    """Bitwise, request by request: a one-request batch has one schedule, so any difference
+    would be the gated edits'. In a two-request batch the plain run itself is not bitwise
+    reproducible: vLLM's engine core starts a step as soon as the first request arrives, so
+    whether the second joins that step depends on timing, and float32 CPU kernels round by
+    batch shape (2026-12-06: two plain runs of the same batch differed by 7.6e-6 in one
+    logprob, and gated runs matched one plain schedule or the other). There, tokens must be
+    equal and logprobs within BATCH_NOISE_ATOL."""
     never = Condition(6, 5, 1e9, sticky=True, include_out_of_distribution=True)
     spec = SteeringSpec(edits=(SteerEdit(12, 3, "add", 30.0, when=never),
                                SteerEdit(6, 7, "clamp", 9.0, when=never)))
+    for prompt in (prompt_ids, "The capital of France is"):
+        llm.reset_prefix_cache()
+        plain = generate_batch(llm, [prompt], [None], _greedy())[0].outputs[0]
+        llm.reset_prefix_cache()
+        gated = generate_batch(llm, [prompt], [spec], _greedy())[0].outputs[0]
+        assert list(plain.token_ids) == list(gated.token_ids)
+        assert _logprobs(plain) == _logprobs(gated)                             # bitwise
     prompts: list[str | list[int]] = [prompt_ids, "The capital of France is"]
     llm.reset_prefix_cache()
-    plain = generate_batch(llm, prompts, [None, None], _greedy())
+    plain_batch = generate_batch(llm, prompts, [None, None], _greedy())
     llm.reset_prefix_cache()
-    gated = generate_batch(llm, prompts, [spec, None], _greedy())
-    for a, b in zip(plain, gated, strict=True):
+    gated_batch = generate_batch(llm, prompts, [spec, None], _greedy())
+    for a, b in zip(plain_batch, gated_batch, strict=True):
         assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids)
-        for step, token in enumerate(a.outputs[0].token_ids):
-            # Bitwise in most runs; one clean-clone run (2026-12-06) differed by 7.6e-6
-            # (float32 CPU kernel noise, cause not found): issue 16's bitwise point is open.
-            assert abs(a.outputs[0].logprobs[step][token].logprob
-                       - b.outputs[0].logprobs[step][token].logprob) <= 1e-4
+        worst = max(abs(x - y) for x, y in zip(_logprobs(a.outputs[0]), _logprobs(b.outputs[0]),
+                                                strict=True))
+        assert worst <= BATCH_NOISE_ATOL
+
+
+BATCH_NOISE_ATOL = 1e-4
+"""Logprob rounding between two schedules of the same batch (float32 CPU kernels)."""
+
+
+def _logprobs(output: Any) -> list[float]:
+    """The logprob of each generated token, in order."""
+    return [output.logprobs[step][token].logprob for step, token in enumerate(output.token_ids)]
 
 
 def test_sticky_condition_applies_from_its_first_token_on(llm: Any, hf: Any, resae: ReSAE,
