@@ -10,9 +10,11 @@ and a CLAMP at the second, as in ``benchmarks/load.py``), the same ``--requests`
 streamed completions of ``--tokens`` tokens (``ignore_eos``) are sent over gRPC (the project's
 client) and over HTTP (the real ``openai`` client, ``stream=True``, the steering in
 ``extra_body={"resae": …}``), rotating the protocols' order over ``--rounds`` rounds so
-drift on a shared machine hits all alike. Reported per cell: tokens/s (all tokens / wall time of the
-round, median over rounds), time to first token p50 (from sending to the first chunk that
-carries text), and the ratio HTTP / gRPC.
+drift on a shared machine hits all alike. Each protocol's client is connected before the
+timing starts (gRPC: its channel; HTTP: ``streams`` pooled connections, opened by concurrent
+``GET /v1/models``), as a long-lived client in production is. Reported per cell: tokens/s
+(all tokens / wall time of the round, median over rounds), time to first token p50 (from
+sending to the first chunk that carries text), and the ratio HTTP / gRPC.
 
 Client and server share this machine's cores, so a client that spends more CPU per token
 leaves the server less. Two HTTP clients are therefore measured beside gRPC: the real
@@ -132,6 +134,7 @@ async def _http_round(target: str, http: str, kind: str, streams: int, requests:
     client = AsyncOpenAI(base_url=f"http://{http}/v1", api_key="none", max_retries=0,
                          timeout=600)
     model = (await client.models.list()).data[0].id
+    await asyncio.gather(*(client.models.list() for _ in range(streams)))   # open connections
     queue = list(range(requests))
     total, ttft = 0, []
 
@@ -175,6 +178,7 @@ async def _lean_http_round(target: str, http: str, kind: str, streams: int, requ
     async with httpx.AsyncClient(base_url=f"http://{http}/v1", timeout=600,
                                  limits=httpx.Limits(max_connections=streams)) as client:
         model = (await client.get("/models")).json()["data"][0]["id"]
+        await asyncio.gather(*(client.get("/models") for _ in range(streams)))  # connections
 
         async def worker(w: int) -> None:
             nonlocal total
@@ -213,7 +217,7 @@ def _cpu_s(process: Any) -> float:
 
 
 def _cell(target: str, http: str, kind: str, streams: int, args: argparse.Namespace,
-          server: Any) -> dict[str, dict[str, float]]:
+          server: Any) -> dict[str, dict[str, Any]]:
     rounds: dict[str, list[Round]] = {p: [] for p in PROTOCOLS}
     for r in range(args.rounds):
         order = PROTOCOLS[r % 3:] + PROTOCOLS[:r % 3]
@@ -236,11 +240,23 @@ def _cell(target: str, http: str, kind: str, streams: int, args: argparse.Namesp
                         result.tokens_per_s, 1000 * statistics.median(result.ttft_s),
                         1000 * result.client_cpu_s / result.tokens,
                         1000 * result.server_cpu_s / result.tokens)
-    return {p: {"tokens_per_s": statistics.median(x.tokens_per_s for x in rs),
-                "ttft_p50_ms": 1000 * statistics.median(t for x in rs for t in x.ttft_s),
-                "client_ms": 1000 * statistics.median(x.client_cpu_s / x.tokens for x in rs),
-                "server_ms": 1000 * statistics.median(x.server_cpu_s / x.tokens for x in rs)}
-            for p, rs in rounds.items()}
+    cell: dict[str, dict[str, Any]] = {
+        p: {"tokens_per_s": statistics.median(x.tokens_per_s for x in rs),
+            "ttft_p50_ms": 1000 * statistics.median(t for x in rs for t in x.ttft_s),
+            "client_ms": 1000 * statistics.median(x.client_cpu_s / x.tokens for x in rs),
+            "server_ms": 1000 * statistics.median(x.server_cpu_s / x.tokens for x in rs)}
+        for p, rs in rounds.items()}
+    for p in PROTOCOLS[1:]:          # HTTP / gRPC of the same round (adjacent in time)
+        pairs = list(zip(rounds[p], rounds["grpc"], strict=True))
+        cell[p]["paired_rate"] = [h.tokens_per_s / g.tokens_per_s for h, g in pairs]
+        cell[p]["paired_ttft"] = [statistics.median(h.ttft_s) / statistics.median(g.ttft_s)
+                                  for h, g in pairs]
+    return cell
+
+
+def _spread(ratios: list[float]) -> str:
+    """``median (min–max)`` of per-round ratios."""
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     streams = [int(s) for s in args.streams.split(",")]
     load_before = os.getloadavg()[0]
-    rows, cpu_rows = [], []
+    rows, cpu_rows, paired_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         dictionary = args.dictionary or random_dictionary(Path(tmp) / "dict")
         http_port = _free_port()
@@ -284,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{lean['tokens_per_s'] / g['tokens_per_s']:.3f} | "
                                 f"{g['ttft_p50_ms']:.0f} | {h['ttft_p50_ms']:.0f} | "
                                 f"{lean['ttft_p50_ms']:.0f} |")
+                    paired_rows.append(f"| {n} | {kind} | " + " | ".join(
+                        _spread(cell[p][key]) for key in ("paired_rate", "paired_ttft")
+                        for p in PROTOCOLS[1:]) + " |")
                     cpu_rows.append(f"| {n} | {kind} | " + " | ".join(
                         f"{cell[p]['client_ms']:.3f} | {cell[p]['server_ms']:.3f}"
                         for p in PROTOCOLS) + " |")
@@ -292,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         "| HTTP (lean) tokens/s | HTTP (lean) / gRPC | gRPC TTFT p50 ms "
         "| HTTP (openai) TTFT p50 ms | HTTP (lean) TTFT p50 ms |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "| streams | kind | tokens/s HTTP (openai) / gRPC, by round: median (min–max) "
+        "| HTTP (lean) / gRPC | TTFT p50 HTTP (openai) / gRPC, by round | HTTP (lean) / gRPC |",
+        "|---:|---|---|---|---|---|", *paired_rows, "",
         "| streams | kind | gRPC client CPU ms/token | gRPC server front end "
         "| HTTP (openai) client | HTTP (openai) server front end | HTTP (lean) client "
         "| HTTP (lean) server front end |",
@@ -304,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             f"`resae serve --http-port` child "
             f"process (SmolLM2-135M compiled, max_num_seqs {max(streams)}, random dictionary "
             f"of the real shape); {args.requests} greedy streamed calls of {args.tokens} "
-            f"tokens per round, {args.rounds} rounds per protocol in rotating order, medians. "
+            f"tokens per round, {args.rounds} rounds per protocol in rotating order, medians; "
+            f"the second table pairs each HTTP round with the gRPC round beside it. "
             f"CPU per token: user + system seconds of the client (this process) and of the "
             f"server's front-end process (not its busy-polling engine children) over a round, "
             f"divided by its tokens. "

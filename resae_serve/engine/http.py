@@ -26,6 +26,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -244,5 +245,49 @@ async def build_openai_app(engine: ResaeEngine, served_model_name: str) -> OpenA
     tasks = await llm.get_supported_tasks()
     app = build_app(args, tasks, llm.model_config)
     await init_app_state(client, app.state, args, tasks)  # type: ignore[arg-type]
+    _drop_unexposed_route_metrics(app)
+    tokenize_on_the_event_loop(llm.renderer)
     logger.info("OpenAI-compatible app ready for model %r", served_model_name)
     return OpenAIApp(app, served_model_name, client)
+
+
+class InlineExecutor(Executor):
+    """An executor that runs each call at once, in the calling thread."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:        # as concurrent.futures' own worker does
+            future.set_exception(exc)
+        return future
+
+
+def tokenize_on_the_event_loop(renderer: Any) -> bool:
+    """Make vLLM's renderer tokenize (and detokenize) on the event loop, as the gRPC servicer
+    does, instead of in its one-thread pool; ``False`` (a warning, nothing changed) when this
+    vLLM's renderer has no replaceable pool.
+
+    The pool costs every HTTP request a hop to that thread and back. On a busy CPU the hop
+    waits for the GIL and behind the other requests' handlers, so in a burst of 16
+    one-token requests (2 cores) HTTP's median time to first token was 1.066 of gRPC's with
+    the pool and 1.026 without (``benchmarks/RESULTS.md``). The price is the one the gRPC
+    path already pays: a very long prompt's tokenization holds the loop while it runs."""
+    pool = getattr(renderer, "_executor", None)
+    if pool is None or not hasattr(pool, "_inner"):
+        logger.warning("vLLM's renderer has no replaceable tokenizer pool here; HTTP "
+                       "requests tokenize in vLLM's thread pool")
+        return False
+    old, pool._inner = pool._inner, InlineExecutor()
+    if old is not None and not isinstance(old, InlineExecutor):
+        old.shutdown(wait=False)
+    return True
+
+
+def _drop_unexposed_route_metrics(app: Any) -> None:
+    """Leave out vLLM's per-route HTTP metrics (prometheus-fastapi-instrumentator): they go
+    to vLLM's registry, which this server does not expose (its own metrics count HTTP calls
+    by protocol), and cost every request and every streamed chunk a pass through them."""
+    app.user_middleware[:] = [m for m in app.user_middleware
+                              if getattr(m.cls, "__name__", "") !=
+                              "PrometheusInstrumentatorMiddleware"]

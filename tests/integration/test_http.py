@@ -111,6 +111,27 @@ def test_greedy_text_equals_grpc(api: Any, grpc_client: ResaeClient, ids: list[i
 
 # ----------------------------------------------------------------------------- steering
 
+def test_text_prompts_are_tokenized_on_the_event_loop(http_server: Any, api: Any,
+                                                     ids: list[int]) -> None:
+    """vLLM's renderer tokenizes on the server's loop, not in its thread pool
+    (``tokenize_on_the_event_loop``), and a text prompt reads as its token ids do."""
+    from resae_serve.engine.http import InlineExecutor
+
+    renderer = http_server.engine.driver.llm.renderer
+    assert isinstance(renderer._executor._inner, InlineExecutor)
+    text = api.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=8,
+                                  temperature=0.0)
+    assert text.usage.prompt_tokens == len(ids)
+    assert text.choices[0].text == _http(api, ids).choices[0].text
+
+
+def test_vllm_route_metrics_are_left_out(http_server: Any) -> None:
+    """vLLM's per-route metrics go to a registry this server does not expose."""
+    app = http_server.http.app.app                   # HttpFrontend -> OpenAIApp -> FastAPI
+    names = [m.cls.__name__ for m in app.user_middleware]
+    assert "CORSMiddleware" in names and "PrometheusInstrumentatorMiddleware" not in names
+
+
 def test_steering_changes_only_that_request_and_equals_grpc(
         http_server: Any, api: Any, grpc_client: ResaeClient, ids: list[int]) -> None:
     plain = _http(api, ids).choices[0].text

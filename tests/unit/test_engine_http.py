@@ -5,13 +5,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from resae_serve.engine.http import HttpRequest
+from resae_serve.engine.http import HttpRequest, InlineExecutor, tokenize_on_the_event_loop
 from resae_serve.engine.spec import MonitorSpec, SteeringSpec
 
 
@@ -113,3 +115,32 @@ def test_the_vllm_entry_points_the_app_is_built_from_exist() -> None:
     assert callable(build_app) and callable(init_app_state)
     for name in ("served_model_name", "disable_fastapi_docs", "api_key", "disable_log_stats"):
         assert hasattr(args, name), name
+
+
+def test_inline_executor_runs_in_the_callers_thread_and_keeps_errors() -> None:
+    done = InlineExecutor().submit(lambda a, b: (a + b, threading.get_ident()), 1, b=2)
+    assert done.done() and done.result() == (3, threading.get_ident())
+    failed = InlineExecutor().submit(lambda: 1 / 0)
+    assert isinstance(failed.exception(), ZeroDivisionError)
+
+
+def test_the_renderer_tokenizes_on_the_event_loop_where_it_can() -> None:
+    pool = ThreadPoolExecutor(max_workers=1)
+    renderer = SimpleNamespace(_executor=SimpleNamespace(_inner=pool))
+    assert tokenize_on_the_event_loop(renderer)
+    assert isinstance(renderer._executor._inner, InlineExecutor)
+    with pytest.raises(RuntimeError, match="shutdown"):       # the old pool is let go
+        pool.submit(print)
+    assert tokenize_on_the_event_loop(renderer)                 # a second app on one engine
+    assert not tokenize_on_the_event_loop(SimpleNamespace())    # another vLLM: left as is
+
+
+def test_the_renderer_pool_this_code_replaces_exists() -> None:
+    """``tokenize_on_the_event_loop`` reaches into vLLM's renderer (a private attribute):
+    this fails when a vLLM upgrade moves it, rather than a warning at serve time."""
+    pytest.importorskip("vllm")
+    from vllm.renderers.base import _SwappableExecutor
+
+    pool = _SwappableExecutor(max_workers=1)
+    assert isinstance(pool._inner, ThreadPoolExecutor)
+    pool.shutdown()
