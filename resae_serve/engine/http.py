@@ -279,7 +279,7 @@ def tokenize_on_the_event_loop(renderer: Any) -> bool:
                        "requests tokenize in vLLM's thread pool")
         return False
     old, pool._inner = pool._inner, InlineExecutor()
-    if old is not None and not isinstance(old, InlineExecutor):
+    if not isinstance(old, InlineExecutor):            # a second app on the same engine
         old.shutdown(wait=False)
     return True
 

@@ -213,14 +213,14 @@ def test_condition_that_never_holds_leaves_the_request_unsteered(llm: Any,
     never = Condition(6, 5, 1e9, sticky=True, include_out_of_distribution=True)
     spec = SteeringSpec(edits=(SteerEdit(12, 3, "add", 30.0, when=never),
                                SteerEdit(6, 7, "clamp", 9.0, when=never)))
-    for prompt in (prompt_ids, "The capital of France is"):
+    prompts: list[str | list[int]] = [prompt_ids, "The capital of France is"]
+    for prompt in prompts:
         llm.reset_prefix_cache()
         plain = generate_batch(llm, [prompt], [None], _greedy())[0].outputs[0]
         llm.reset_prefix_cache()
         gated = generate_batch(llm, [prompt], [spec], _greedy())[0].outputs[0]
         assert list(plain.token_ids) == list(gated.token_ids)
         assert _logprobs(plain) == _logprobs(gated)                             # bitwise
-    prompts: list[str | list[int]] = [prompt_ids, "The capital of France is"]
     llm.reset_prefix_cache()
     plain_batch = generate_batch(llm, prompts, [None, None], _greedy())
     llm.reset_prefix_cache()
